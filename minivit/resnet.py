@@ -1,0 +1,1 @@
+"""PLACEHOLDER: ResNet is being written (issue 4)."""

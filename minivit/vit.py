@@ -1,0 +1,1 @@
+"""PLACEHOLDER: the Vision Transformer is being written (issue 3)."""

@@ -1,0 +1,28 @@
+"""Shared test setup.
+
+On a machine without CUDA the Triton kernels run in Triton's interpreter, which must be switched on before
+`triton` is first imported; on a GPU the very same tests run the compiled kernels.
+
+Hypothesis profiles: `quick` (default, keeps CI short) and `thorough` (HYPOTHESIS_PROFILE=thorough pytest).
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root importable
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "quick", max_examples=8, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough", max_examples=200, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
