@@ -26,3 +26,19 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Run models on the plain-PyTorch path: the Triton interpreter is too slow for whole models, and the kernels
+    are proven against these very references in tests/test_attention.py and tests/test_patch_embed.py."""
+    monkeypatch.setenv("MINIVIT_KERNELS", "reference")
+
+
+def script_env(**extra):
+    """Environment for running a training script in a subprocess: reference kernels, no interpreter, 1 thread each."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(MINIVIT_KERNELS="reference", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
