@@ -1,0 +1,170 @@
+"""Weighted k-NN evaluation of frozen features (DINO sec. 4.1; Wu et al. 2018, "Unsupervised feature learning via
+non-parametric instance discrimination").
+
+No training at all: every test image is classified by the labels of its k nearest training images, each
+neighbour voting with weight exp(cos_sim / T), T = 0.07. Features are the final-norm CLS token of the (teacher)
+backbone, L2-normalised, so the cosine similarity is a plain dot product.
+
+    python -m minivit.knn --arch vit_s16 --weights dino_deitsmall16_pretrain.pth --data /path/to/imagenet
+    python -m minivit.knn --arch vit_ti16 --weights none --data digits --image_size 32      # random-init baseline
+    python -m minivit.knn --raw_pixels --data digits --image_size 32                       # raw-pixel baseline
+"""
+import argparse
+import contextlib
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()  # not inference_mode: the linear probe trains on these features, and autograd refuses inference tensors
+def extract_features(model, loader, device, transform, chunk_size=256):
+    """Run a frozen `model` over `loader` and return L2-normalised features in dataset order.
+
+    model: any module mapping a float batch (B, 3, H, W) to features (B, D) (a backbone with num_classes=0).
+    loader: yields (images uint8 (B, 3, S, S), labels int64 (B,)), unshuffled.
+    transform: callable on the uint8 batch, already on `device`, returning the normalised float batch.
+    chunk_size: at most this many images go through the model at once (bounds activation memory).
+    Returns (features float32 (N, D) on `device`, unit rows; labels int64 (N,) on `device`). Under torch.distributed
+    the loader must use an unshuffled DistributedSampler; every process then gets all N features, in dataset order.
+    """
+    model.eval()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
+                else contextlib.nullcontext())
+    features, labels = [], []
+    for images, targets in loader:
+        images = transform(images.to(device, non_blocking=True))
+        for chunk in images.split(chunk_size):
+            with autocast:
+                feats = model(chunk)
+            features.append(F.normalize(feats.float().flatten(1), dim=1))  # (b, D), unit rows
+        labels.append(targets.to(device))
+    features, labels = torch.cat(features), torch.cat(labels)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        features, labels = _gather_in_order(features, labels, len(loader.dataset))
+    return features, labels
+
+
+def _gather_in_order(features, labels, num_samples):
+    """All-gather per-process features. An unshuffled DistributedSampler gives process r the samples r, r + W,
+    r + 2W, ... (padded to equal length), so interleaving the W blocks restores dataset order; padding is cut."""
+    world = dist.get_world_size()
+    all_feats = features.new_empty(world * features.shape[0], features.shape[1])
+    all_labels = labels.new_empty(world * labels.shape[0])
+    dist.all_gather_into_tensor(all_feats, features.contiguous())
+    dist.all_gather_into_tensor(all_labels, labels.contiguous())
+    all_feats = all_feats.view(world, -1, features.shape[1]).transpose(0, 1).reshape(-1, features.shape[1])
+    all_labels = all_labels.view(world, -1).t().reshape(-1)
+    return all_feats[:num_samples], all_labels[:num_samples]
+
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, k=20, T=0.07, num_classes=None,
+                   chunk_size=1024):
+    """Weighted k-NN accuracy (DINO sec. 4.1): the k most similar training features vote, each with exp(sim / T).
+
+    train_features (N, D) and test_features (M, D): float, L2-normalised rows, on one device.
+    train_labels (N,), test_labels (M,): int64 class ids. num_classes defaults to 1 + the largest label.
+    Test features are processed chunk_size at a time, so memory is O(chunk_size * N), not O(M * N).
+    Returns (top1, top5) in percent; top5 is None with fewer than 5 classes. As in the official code, top-5 only
+    looks at the first min(5, k) predictions: at most k classes get a vote.
+    """
+    if train_features.shape[0] != train_labels.shape[0] or test_features.shape[0] != test_labels.shape[0]:
+        raise ValueError(f"features and labels differ in length: train {tuple(train_features.shape)} vs "
+                         f"{tuple(train_labels.shape)}, test {tuple(test_features.shape)} vs {tuple(test_labels.shape)}")
+    if not 1 <= k <= train_features.shape[0]:
+        raise ValueError(f"k={k} must be between 1 and the number of training features ({train_features.shape[0]})")
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct1 = correct5 = 0
+    for feats, targets in zip(test_features.split(chunk_size), test_labels.split(chunk_size)):
+        similarity = feats @ train_features.T                        # (b, N) cosine similarities
+        sims, idx = similarity.topk(k, dim=1)                        # (b, k) nearest neighbours, most similar first
+        neighbour_labels = train_labels[idx]                         # (b, k)
+        votes = torch.zeros(feats.shape[0], num_classes, device=feats.device)
+        votes.scatter_add_(1, neighbour_labels, (sims.float() / T).exp())  # (b, C) summed exp(sim / T)
+        predictions = votes.topk(min(5, k, num_classes), dim=1).indices    # (b, <=5) best classes first
+        hits = predictions == targets[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+    total = test_labels.shape[0]
+    top5 = 100.0 * correct5 / total if num_classes >= 5 else None
+    return 100.0 * correct1 / total, top5
+
+
+def knn_eval(model, train_set, test_set, device, ks=(10, 20, 100, 200), T=0.07, image_size=224, batch_size=128,
+             num_workers=0, distributed=None):
+    """Extract features of both data sets with `model` and run the weighted k-NN for every k (train_dino.py uses
+    this). Evaluation view: resize to image_size * 256/224, centre crop image_size (DINO eval protocol).
+    Returns {k: (top1, top5)} in percent; k larger than the training set is skipped."""
+    from minivit.augment import EvalTransform
+    from minivit.data import build_loader
+
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    transform = EvalTransform(image_size, resize=round(image_size * 256 / 224))
+    feats = {}
+    for name, dataset in (("train", train_set), ("test", test_set)):
+        loader = build_loader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
+                              num_workers=num_workers, seed=0, distributed=distributed)
+        feats[name] = extract_features(model, loader, device, transform, chunk_size=batch_size)
+    (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
+    num_classes = getattr(train_set, "num_classes", None)
+    return {k: knn_classifier(train_f, train_y, test_f, test_y, k=k, T=T, num_classes=num_classes)
+            for k in ks if k <= train_f.shape[0]}
+
+
+def format_table(results):
+    """{k: (top1, top5)} -> a small text table."""
+    lines = ["    k   top-1   top-5"]
+    for k, (top1, top5) in results.items():
+        lines.append(f"{k:5d}  {top1:6.2f}  " + (f"{top5:6.2f}" if top5 is not None else "   n/a"))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Weighted k-NN evaluation of a frozen backbone (DINO sec. 4.1)")
+    parser.add_argument("--arch", default="vit_s16", help="architecture name from minivit.models.ARCHS")
+    parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = "
+                        "random init, a useful baseline: a random ViT already beats chance by a wide margin")
+    parser.add_argument("--raw_pixels", action="store_true", help="baseline: normalised pixels as features, no model")
+    parser.add_argument("--data", default="shapes", help="'shapes', 'digits', an ImageNet-style or CIFAR folder")
+    parser.add_argument("--image_size", type=int, default=224, help="centre-crop size; images are first resized "
+                        "to image_size * 256/224 as in DINO's evaluation")
+    parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="20 is usually the best")
+    parser.add_argument("--temperature", type=float, default=0.07, help="T in the vote weight exp(sim / T)")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    from minivit.data import build_dataset
+    from minivit.models import build_model, load_pretrained
+
+    if args.raw_pixels:
+        model, name = nn.Flatten(), "raw pixels"
+    else:
+        try:
+            model = build_model(args.arch, num_classes=0)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        if args.weights.lower() != "none":
+            load_pretrained(model, args.weights)
+        name = f"{args.arch} ({'random init' if args.weights.lower() == 'none' else args.weights})"
+    model.to(args.device).requires_grad_(False)
+    load_size = round(args.image_size * 256 / 224)
+    train_set = build_dataset(args.data, "train", load_size)
+    test_set = build_dataset(args.data, "val", load_size)
+    print(f"k-NN on {args.data}: {len(train_set)} train / {len(test_set)} test images, {name}, T={args.temperature}")
+    t0 = time.time()
+    results = knn_eval(model, train_set, test_set, args.device, ks=args.k, T=args.temperature,
+                       image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers)
+    print(format_table(results))
+    print(f"done in {time.time() - t0:.1f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

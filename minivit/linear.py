@@ -1,0 +1,195 @@
+"""Linear probe: train one linear layer on the features of a frozen backbone (DINO sec. 4.1, eval_linear.py).
+
+Features (DINO appendix / official code): ViT-S concatenates the CLS tokens of its last 4 blocks, each passed
+through the final norm (`--n_last_blocks 4`); ViT-B uses the last CLS token and the mean patch token
+(`--n_last_blocks 1 --avgpool_patchtokens`); a ResNet uses its pooled feature. Optimisation: SGD momentum 0.9,
+no weight decay, lr = 0.001 * batch / 256, cosine to 0 over the epochs, random-resized-crop + flip for training,
+resize + centre crop for evaluation, 100 epochs on ImageNet.
+
+    python -m minivit.linear --arch vit_s16 --weights dino_deitsmall16_pretrain.pth --data /path/to/imagenet
+    python -m minivit.linear --arch vit_ti16 --weights ckpt.pth --data digits --image_size 32 --no_aug --epochs 50
+"""
+import argparse
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearClassifier(nn.Module):
+    """One linear layer on frozen features: (B, dim) float -> (B, num_classes) logits.
+    Initialised as the official probe: weights N(0, 0.01^2), bias 0."""
+
+    def __init__(self, dim, num_classes):
+        super().__init__()
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def probe_features(model, images, n_last_blocks=4, avgpool_patchtokens=False):
+    """Frozen features for the probe: (B, 3, H, W) float -> (B, feature_dim(...)) float32.
+
+    A ViT (anything with get_intermediate_layers) gives the CLS tokens of its last n_last_blocks blocks, each
+    after the final norm, concatenated, plus the mean patch token of the last block if avgpool_patchtokens;
+    any other backbone (ResNet) gives model(images), its pooled feature."""
+    if not hasattr(model, "get_intermediate_layers"):
+        return model(images).float()
+    blocks = model.get_intermediate_layers(images, n_last_blocks)   # n tensors (B, 1+N, D), normed
+    feats = [x[:, 0] for x in blocks]                               # CLS tokens, (B, D) each
+    if avgpool_patchtokens:
+        feats.append(blocks[-1][:, 1:].mean(dim=1))                 # mean patch token (B, D)
+    return torch.cat(feats, dim=-1).float()
+
+
+def feature_dim(model, n_last_blocks=4, avgpool_patchtokens=False):
+    """Length of probe_features(model, ...) rows: embed_dim * (n_last_blocks + avgpool) for a ViT."""
+    if hasattr(model, "get_intermediate_layers"):
+        return model.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
+    return model.num_features
+
+
+def image_batches(model, loader, device, transform, n_last_blocks=4, avgpool_patchtokens=False):
+    """Yield (probe features (B, F) float32, labels (B,)) from a loader of uint8 images, through `transform` (an
+    augmentation or the eval view) and the frozen backbone, no gradients, bf16 autocast on CUDA."""
+    model.eval()  # BatchNorm statistics and drop path stay frozen too
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
+                else contextlib.nullcontext())
+    for images, labels in loader:
+        with torch.no_grad(), autocast:
+            feats = probe_features(model, transform(images.to(device, non_blocking=True)), n_last_blocks,
+                                   avgpool_patchtokens)
+        yield feats, labels.to(device)
+
+
+def tensor_batches(features, labels, batch_size, generator=None):
+    """Yield (features, labels) mini-batches of precomputed features; shuffled when a generator is given."""
+    order = (torch.randperm(len(labels), generator=generator) if generator is not None
+             else torch.arange(len(labels))).to(labels.device)
+    for idx in order.split(batch_size):
+        yield features[idx], labels[idx]
+
+
+def train_one_epoch(classifier, optimizer, batches):
+    """One pass of cross-entropy training of the classifier over (features, labels) batches; returns mean loss."""
+    classifier.train()
+    total, count = 0.0, 0
+    for feats, labels in batches:
+        loss = F.cross_entropy(classifier(feats), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, count = total + loss.item() * len(labels), count + len(labels)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(classifier, batches):
+    """Top-1 / top-5 accuracy in percent over (features, labels) batches; top5 is None with < 5 classes."""
+    classifier.eval()
+    correct1 = correct5 = total = 0
+    for feats, labels in batches:
+        logits = classifier(feats)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices     # (B, <=5) best classes first
+        hits = top == labels[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        total += len(labels)
+    num_classes = classifier.linear.out_features
+    return 100.0 * correct1 / total, (100.0 * correct5 / total if num_classes >= 5 else None)
+
+
+def make_optimizer(classifier, epochs, batch_size, base_lr=0.001):
+    """SGD momentum 0.9, no weight decay, lr = base_lr * batch_size / 256 (linear scaling rule), cosine to 0 over
+    `epochs` (stepped once per epoch, as the official probe). Returns (optimizer, scheduler)."""
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=base_lr * batch_size / 256, momentum=0.9, weight_decay=0)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Linear probe on a frozen backbone (DINO sec. 4.1)")
+    parser.add_argument("--arch", default="vit_s16", help="architecture name from minivit.models.ARCHS")
+    parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = random")
+    parser.add_argument("--data", default="shapes", help="'shapes', 'digits', an ImageNet-style or CIFAR folder")
+    parser.add_argument("--image_size", type=int, default=224, help="crop size; eval resizes to size * 256/224 first")
+    parser.add_argument("--n_last_blocks", type=int, default=4, help="concatenate the CLS tokens of the n last "
+                        "blocks: 4 for ViT-S, 1 for ViT-B (DINO)")
+    parser.add_argument("--avgpool_patchtokens", action="store_true", help="append the mean patch token of the "
+                        "last block: on for ViT-B, off for ViT-S (DINO)")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=0.001, help="base lr for a batch of 256, scaled linearly; "
+                        "the official advice is to tune it per checkpoint, and small data sets with few epochs "
+                        "need a much larger one (e.g. 0.1 or more)")
+    parser.add_argument("--no_aug", action="store_true", help="no augmentation: compute the frozen features once "
+                        "and train on them, much faster (on a CPU, the only practical way)")
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    from minivit.augment import EvalTransform, SupervisedAugment
+    from minivit.data import build_dataset, build_loader
+    from minivit.models import build_model, load_pretrained
+
+    torch.manual_seed(args.seed)
+    try:
+        model = build_model(args.arch, num_classes=0)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if args.weights.lower() != "none":
+        load_pretrained(model, args.weights)
+    model.to(args.device).requires_grad_(False).eval()
+    load_size = round(args.image_size * 256 / 224)
+    train_set = build_dataset(args.data, "train", load_size)
+    test_set = build_dataset(args.data, "val", load_size)
+    dim = feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens)
+    classifier = LinearClassifier(dim, train_set.num_classes).to(args.device)
+    optimizer, scheduler = make_optimizer(classifier, args.epochs, args.batch_size, args.lr)
+    print(f"linear probe on {args.data}: {len(train_set)} train / {len(test_set)} test images, {args.arch} "
+          f"({args.weights}), {dim}-d features, lr {optimizer.param_groups[0]['lr']:.2e}")
+
+    generator = torch.Generator().manual_seed(args.seed)
+    eval_view = EvalTransform(args.image_size, resize=load_size)
+    train_aug = eval_view if args.no_aug else SupervisedAugment(args.image_size, generator=generator)
+    probe = dict(n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens)
+
+    def loader(dataset, shuffle, epoch=0):
+        ld = build_loader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=False,
+                          num_workers=args.num_workers, seed=args.seed, distributed=False)
+        if hasattr(ld, "set_epoch"):
+            ld.set_epoch(epoch)
+        return ld
+
+    def cat(batches):  # materialise a whole feature set: (N, F), (N,)
+        feats, labels = zip(*batches)
+        return torch.cat(feats), torch.cat(labels)
+
+    test_feats = cat(image_batches(model, loader(test_set, False), args.device, eval_view, **probe))
+    if args.no_aug:
+        train_feats = cat(image_batches(model, loader(train_set, False), args.device, eval_view, **probe))
+    best = 0.0
+    t0 = time.time()
+    for epoch in range(args.epochs):
+        if args.no_aug:
+            batches = tensor_batches(*train_feats, args.batch_size, generator)
+        else:
+            batches = image_batches(model, loader(train_set, True, epoch), args.device, train_aug, **probe)
+        loss = train_one_epoch(classifier, optimizer, batches)
+        scheduler.step()
+        top1, top5 = evaluate(classifier, tensor_batches(*test_feats, args.batch_size))
+        best = max(best, top1)
+        top5_text = f"  top-5 {top5:6.2f}" if top5 is not None else ""
+        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {loss:.4f}  top-1 {top1:6.2f}{top5_text}  "
+              f"best {best:6.2f}  ({time.time() - t0:.0f}s)")
+    print(f"best top-1: {best:.2f}%")
+    return best
+
+
+if __name__ == "__main__":
+    main()
