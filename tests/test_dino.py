@@ -143,6 +143,23 @@ def test_multicrop_groups_only_consecutive_crops_of_equal_height_and_width():
     assert [c[0] for c in model.backbone.calls] == [2, 2, 2, 4]
 
 
+@pytest.mark.usefixtures("reference_kernels")
+@pytest.mark.parametrize("arch", ["vit", "resnet"])
+def test_multicrop_with_the_real_backbones(arch):
+    from minivit.resnet import resnet18
+    from minivit.vit import VisionTransformer
+    torch.manual_seed(0)
+    backbone = (VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2) if arch == "vit"
+                else resnet18(num_classes=0))
+    model = MultiCropWrapper(backbone, DINOHead(backbone.num_features, 64, hidden_dim=48, bottleneck_dim=16)).eval()
+    crops = [torch.randn(2, 3, 32, 32) for _ in range(2)] + [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    out = model(crops)
+    assert out.shape == (10, 64)
+    torch.testing.assert_close(out, torch.cat([model(c) for c in crops]), rtol=1e-4, atol=1e-5)
+    keys = model.state_dict().keys()  # the official teacher layout: backbone.* and head.*
+    assert {k.split(".")[0] for k in keys} == {"backbone", "head"} and "head.last_layer.weight_g" in keys
+
+
 def test_multicrop_rejects_a_backbone_without_pooled_features():
     model = MultiCropWrapper(nn.Conv2d(3, 32, 3), DINOHead(32, 64, hidden_dim=48, bottleneck_dim=16))
     with pytest.raises(ValueError, match="num_classes=0"):
