@@ -1,0 +1,443 @@
+"""What train_vit.py, train_resnet.py and train_dino.py share, written once: device and process setup, printing on
+rank 0, per-iteration schedules, parameter groups, the precision context, atomic checkpoints with RNG state, the
+JSONL log, the progress line, the NaN guard and the curve plot. Small functions; the loops stay in the scripts.
+
+Plain `python train_x.py` runs one process (CUDA if present, else CPU); `torchrun --nproc_per_node=N train_x.py`
+runs N processes that find each other through the RANK / LOCAL_RANK / WORLD_SIZE variables torchrun sets.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ------------------------------------------------------------------------------------------ processes and devices
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs: `rank` among `world_size` processes, `local_rank` on its machine, its `device`."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool  # rank 0: the one process that prints, logs and writes checkpoints
+    distributed: bool  # a process group is initialised (launched by torchrun)
+
+    @property
+    def device_type(self) -> str:
+        """"cuda", "cpu" or "mps": what torch.autocast and GradScaler take."""
+        return self.device.type
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cuda", "cpu", "mps"):
+        raise ValueError(f"device {device!r} is not supported; use auto, cuda, cpu or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but torch.cuda.is_available() is False; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for but MPS is not available here; use --device cpu")
+    return dev
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Pick the device and, under torchrun, join the process group (NCCL on CUDA, gloo on CPU).
+
+    device: "auto" (CUDA if available, else CPU), "cuda", "cpu" or "mps" (single process only). Under torchrun each
+    process takes GPU `local_rank`. On CUDA, fp32 matmuls may use TF32 (Ampere+): ~free speed, ~1e-3 relative error.
+    """
+    dev = _pick_device(device)
+    distributed = "RANK" in os.environ  # set by torchrun, absent under plain `python script.py`
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) \
+        if distributed else (0, 0, 1)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if distributed else (dev.index or 0))
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if distributed:
+        if dev.type == "mps":
+            raise ValueError("torchrun with device 'mps' is not supported; use cuda or cpu")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, local_rank, world_size, dev, rank == 0, distributed)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group, if any (call once at the end of a script)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    """This process's rank: from the process group, else from torchrun's RANK variable, else 0."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only; other ranks stay quiet. Same arguments as print (flushes by default)."""
+    if get_rank() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of a floating tensor over all processes, as a new tensor; the tensor itself without a process group.
+
+    A NaN on any rank makes the mean NaN on every rank, which is what lets `check_finite` stop all ranks together.
+    With NCCL the tensor must be on this rank's GPU.
+    """
+    if not tensor.is_floating_point():
+        raise ValueError(f"all_reduce_mean needs a floating tensor, got {tensor.dtype}; call .float() first")
+    if not dist.is_initialized():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    """Seed python `random`, numpy and torch (CPU and every GPU) with seed + rank, so each process draws differently
+    (as DINO's utils.fix_random_seeds does). Returns the seed used."""
+    seed = seed + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds all CUDA devices
+    return seed
+
+
+# ------------------------------------------------------------------------------- schedules, param groups, precision
+
+
+def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                    warmup_epochs: float = 0, start_warmup_value: float = 0.0) -> np.ndarray:
+    """One value per iteration (float64, length epochs * niter_per_ep), DINO's schedule for lr, weight decay and
+    teacher momentum: a linear warm-up from `start_warmup_value`, then a half cosine from `base_value` to `final_value`.
+
+    schedule[warmup_iters] == base_value (the first iteration after warm-up) and schedule[-1] == final_value exactly
+    (DINO's official schedule stops one step short of the final value).
+    """
+    total = epochs * niter_per_ep
+    warmup_iters = int(round(warmup_epochs * niter_per_ep))
+    if total <= 0:
+        raise ValueError(f"epochs ({epochs}) and niter_per_ep ({niter_per_ep}) must be positive")
+    if not 0 <= warmup_iters < total:
+        raise ValueError(f"warmup_epochs ({warmup_epochs}) must be >= 0 and smaller than epochs ({epochs}); "
+                         f"lower --warmup_epochs for short runs")
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False)
+    n = total - warmup_iters
+    t = np.arange(n) / max(n - 1, 1)  # 0 -> 1 over the cosine part
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(math.pi * t))
+    cosine[0], cosine[-1] = base_value, final_value  # exact, not 1e-17 away
+    return np.concatenate([warmup, cosine])
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW/SGD groups: "decay" (weight matrices and conv kernels, with `weight_decay`) and "no_decay" (biases
+    and every 1-D parameter: LayerNorm/BatchNorm weights). Like DINO's get_params_groups, `cls_token` and `pos_embed`
+    (3-D) are decayed; timm exempts them, DINO does not. Frozen parameters (requires_grad False) are left out.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float | None = None) -> None:
+    """Set this iteration's lr on every group and, if given, the weight decay on the "decay" groups only."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if weight_decay is not None and group.get("name") == "decay":
+            group["weight_decay"] = weight_decay
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Map "auto" to "bf16" on a GPU with bf16 (Ampere+) and "fp32" elsewhere; check the others fit the device."""
+    device = torch.device(device)
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"fp16 needs a CUDA GPU (loss scaling); on {device.type} use bf16 or fp32")
+    return precision
+
+
+def autocast_context(device: torch.device | str, precision: str):
+    """The context the forward pass (and loss) runs in: autocast to bf16/fp16, or a null context for fp32.
+    Parameters, gradients and optimizer state stay fp32 either way."""
+    device_type = torch.device(device).type
+    precision = resolve_precision(precision, torch.device(device))
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def make_grad_scaler(device: torch.device | str, precision: str) -> torch.amp.GradScaler:
+    """A GradScaler that scales the loss only for fp16 (whose small gradients underflow); for fp32/bf16 each of its
+    calls (scale, unscale_, step, update) passes straight through, so backward/clip/step is written once."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=resolve_precision(precision, device) == "fp16")
+
+
+# -------------------------------------------------------------------------------------------- checkpoints and RNG
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DistributedDataParallel and/or torch.compile: the one to save and to load into."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # what torch.compile wraps
+            model = model._orig_mod
+        else:
+            return model
+
+
+_PLAIN = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_plain(obj, where: str) -> None:
+    """Checkpoints are read back with torch.load(weights_only=True): only tensors, numbers, strings and containers."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(f"{where} is a {type(obj).__name__}; store plain types in a checkpoint (e.g. str(), float())")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write `state` to `path` atomically on rank 0 (other ranks return): a temp file in the same folder, fsync, then
+    os.replace, so a crash mid-write leaves the previous checkpoint whole.
+
+    state: a dict with a "kind" string naming the script ("vit", "resnet", "dino") and plain values only
+    (tensors, numbers, strings, lists, dicts), e.g. {"kind", "model", "optimizer", "epoch", "args": vars(args)}.
+    """
+    if get_rank() != 0:
+        return
+    if not isinstance(state, dict) or not isinstance(state.get("kind"), str):
+        raise ValueError("a checkpoint state must be a dict with a 'kind' string such as 'vit', 'resnet' or 'dino'")
+    _check_plain(state, "state")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    if os.name == "posix":  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None, arch: str | None = None) -> dict:
+    """Read a checkpoint written by save_checkpoint onto the CPU; check it is a `kind` checkpoint (e.g. "dino") of
+    `arch` (compared with state["args"]["arch"]) when those are given. Every failure is a one-line error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; check the path (or drop --resume to start fresh)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or pickled objects beyond plain data (torch's own
+        # message for those is a page long, hence only its type here)
+        raise ValueError(f"{path} is not a readable minivit checkpoint (corrupt, truncated, or not written by "
+                         f"save_checkpoint): torch.load raised {type(e).__name__}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("kind"), str):
+        raise ValueError(f"{path} is not a minivit training checkpoint (no 'kind' field); "
+                         "for pretrained weights use minivit.models.load_pretrained")
+    if kind is not None and state["kind"] != kind:
+        raise ValueError(f"{path} is a {state['kind']!r} checkpoint (train_{state['kind']}.py), not {kind!r}; "
+                         f"resume it with train_{state['kind']}.py or pick another file")
+    args = state.get("args")
+    saved_arch = args.get("arch") if isinstance(args, dict) else None
+    if arch is not None and saved_arch is not None and saved_arch != arch:
+        raise ValueError(f"{path} holds a {saved_arch} model but --arch is {arch}; pass --arch {saved_arch}")
+    return state
+
+
+def _local_rng_state(generators: dict | None) -> dict:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> list[dict]:
+    """Every process's random state: python `random`, numpy, torch CPU, this process's GPU, and the named
+    `generators` (e.g. {"augment": g}). A list indexed by rank; under torchrun it is gathered from all ranks, so
+    call it on every rank (a collective) and save it from rank 0. Plain data, fit for save_checkpoint."""
+    local = _local_rng_state(generators)
+    if not dist.is_initialized():
+        return [local]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, local)
+    return states
+
+
+def set_rng_state(states: list[dict], generators: dict[str, torch.Generator] | None = None) -> bool:
+    """Restore what rng_state() captured, this rank's entry, so a resumed run draws the same numbers as an
+    uninterrupted one. Returns False, changing nothing, when the checkpoint came from another number of processes
+    (then the fresh seed_everything(seed, rank) streams stay)."""
+    rank, world_size = get_rank(), dist.get_world_size() if dist.is_initialized() else 1
+    if len(states) != world_size:
+        return False
+    s = states[rank]
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    n = s["numpy"]
+    np.random.set_state(("MT19937", np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    for k, g in (generators or {}).items():
+        g.set_state(s["generators"][k])
+    return True
+
+
+# -------------------------------------------------------------------------------- logs, progress, NaN guard, plot
+
+
+def _plain(x):
+    return x.item() if hasattr(x, "item") else str(x)  # tensors and numpy scalars -> numbers
+
+
+class JsonlLogger:
+    """Appends one JSON object per line to `path` (rank 0 only; elsewhere a no-op), flushed at every write, so a
+    crashed or resumed run keeps everything logged so far. `log(epoch=3, train_loss=1.2, lr=5e-4)`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.enabled = get_rank() == 0
+
+    def log(self, record: dict | None = None, **fields) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**(record or {}), **fields}, default=_plain) + "\n")
+                f.flush()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All records of a JSONL log, in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_time(seconds: float) -> str:
+    """Seconds as h:mm:ss, e.g. 3753.2 -> '1:02:33' (hours keep counting past 24)."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """One status line every `every` iterations (and at the end of each epoch), on rank 0:
+
+        ep 3/100 it 120/500 loss 4.1231 lr 1.2e-04 312 img/s elapsed 0:10:02 eta 1:02:33
+
+    epoch and it are 0-based in the call and shown 1-based; loss is the mean since the last line; img/s counts the
+    `images` passed (pass the global batch, batch * world_size); eta extrapolates this run's average speed.
+    """
+
+    def __init__(self, epochs: int, iters_per_epoch: int, every: int = 10, start_epoch: int = 0):
+        self.epochs, self.iters_per_epoch, self.every = epochs, iters_per_epoch, max(1, every)
+        self.remaining = (epochs - start_epoch) * iters_per_epoch
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+        self.losses, self.images = [], 0
+
+    def step(self, epoch: int, it: int, loss: float, lr: float, images: int, **extra) -> str | None:
+        """Record one iteration; print and return the line when one is due, else None. `extra` (e.g. wd=0.04)
+        is appended as 'key value'."""
+        self.done += 1
+        self.losses.append(float(loss))
+        self.images += images
+        if (it + 1) % self.every and it + 1 != self.iters_per_epoch:
+            return None
+        now = time.perf_counter()
+        elapsed = now - self.start
+        eta = elapsed / self.done * max(self.remaining - self.done, 0)
+        line = (f"ep {epoch + 1}/{self.epochs} it {it + 1}/{self.iters_per_epoch} "
+                f"loss {sum(self.losses) / len(self.losses):.4f} lr {lr:.1e} "
+                f"{self.images / max(now - self.last, 1e-9):.0f} img/s "
+                f"elapsed {format_time(elapsed)} eta {format_time(eta)}")
+        line += "".join(f" {k} {v:.4g}" if isinstance(v, float) else f" {k} {v}" for k, v in extra.items())
+        self.last, self.losses, self.images = now, [], 0
+        print0(line)
+        return line
+
+
+def check_finite(loss: torch.Tensor | float, epoch: int, it: int, checkpoint_path: str | os.PathLike) -> float:
+    """Stop the run (SystemExit) if the loss is NaN or inf, before anything overwrites the last good checkpoint.
+    Returns the loss averaged over processes as a float (one scalar all-reduce; with NCCL pass the loss tensor as it
+    is, on the GPU); a NaN on any rank stops every rank together. epoch, it: 0-based, shown 1-based."""
+    loss = loss if torch.is_tensor(loss) else torch.tensor(float(loss))
+    value = all_reduce_mean(loss.detach().float()).item()
+    if math.isfinite(value):
+        return value
+    if get_rank() != 0:
+        raise SystemExit(1)
+    kept = (f"the last good checkpoint is kept at {checkpoint_path}" if os.path.isfile(checkpoint_path)
+            else "no checkpoint was saved yet")
+    raise SystemExit(f"loss is {value} at epoch {epoch + 1} step {it + 1}; {kept}; "
+                     "try a lower lr, more warm-up or --precision fp32")
+
+
+def plot_curves(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, keys: list[str]) -> None:
+    """A PNG with one subplot per key of the JSONL log (x = its "epoch" field); records lacking a key are skipped.
+    matplotlib is imported here, and draws off-screen (Agg) without touching pyplot's global backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = [r for r in read_jsonl(jsonl_path) if "epoch" in r]
+    if not records:
+        raise ValueError(f"{jsonl_path} has no records with an 'epoch' field to plot")
+    fig = Figure(figsize=(6, 2.2 * len(keys)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, key in zip(np.atleast_1d(fig.subplots(len(keys), 1, sharex=True)), keys):
+        points = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    ax.set_xlabel("epoch")
+    fig.savefig(png_path, dpi=100)
+
+
+def make_output_dir(path: str | os.PathLike) -> Path:
+    """Create the run's output folder (parents too) if needed and return it as a Path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output_dir {path} is a file, not a folder; pick another path")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (only those with requires_grad when trainable_only)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
