@@ -171,7 +171,8 @@ def resnet34(**kwargs) -> ResNet:
 
 
 def resnet50(**kwargs) -> ResNet:
-    """ResNet-50: Bottleneck x [3, 4, 6, 3], 25.6M parameters with a 1000-class fc (23.5M without). kwargs go to ResNet."""
+    """ResNet-50: Bottleneck x [3, 4, 6, 3], 25.6M parameters with a 1000-class fc (23.5M without).
+    kwargs go to ResNet."""
     return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
 
 
