@@ -1,0 +1,351 @@
+"""Datasets and the data loader shared by the three training scripts.
+
+Every dataset yields `(image, label)`: a uint8 tensor (3, S, S) of a fixed size S (`load_size`) and an int, and has
+`.classes`, `.num_classes`, `.targets` and `len()`. Decoding stays cheap and on the CPU; the random crops, flips and
+colour changes are made afterwards on whole batches on the GPU (minivit/augment.py), so a photo is resized once to
+an S x S square here and RandomResizedCrop picks its boxes inside that square (the official DINO code crops the full
+photo with PIL on the CPU, where it is often the bottleneck).
+
+Sources, chosen by `build_dataset(data, split, load_size)`:
+  None / "shapes"  procedural shapes on clutter with ground-truth object masks (offline, the default), 64 px
+  "digits"         scikit-learn's bundled 8x8 handwritten digits (1797 real images), upscaled to 32 px
+  a folder         ImageNet-style root/<class>/<image>.jpg, or root/train/... and root/val/...; 256 px
+  a CIFAR folder   the "python version" of CIFAR-10/100 (data_batch_1..5 + test_batch, or train + test), 32 px
+"""
+import os
+import pickle
+import warnings
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+SPLITS = ("train", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Procedural shapes: a small offline set where raw pixels are useless but shapes are learnable
+
+def _polygon(points, angle, radius, cx, cy, S):
+    """Unit-radius outline (K, 2) rotated by `angle`, scaled and moved to (cx, cy) in [0, 1]; pixel coordinates."""
+    c, s = np.cos(angle), np.sin(angle)
+    xy = points @ np.array([[c, s], [-s, c]]) * radius + (cx, cy)
+    return [tuple(p) for p in (xy * S)]
+
+
+def _circle(r=1.0, dx=0.0, n=48):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([r * np.cos(t) + dx, r * np.sin(t)], 1)
+
+
+def _star(points=5, inner=0.4):
+    t = np.linspace(0, 2 * np.pi, 2 * points, endpoint=False) - np.pi / 2
+    r = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _heart(n=48):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))  # image y points down
+    return np.stack([x, y + 2.5], 1) / 16
+
+
+# Each class is a list of (unit-radius outline, fill): 255 adds to the mask, 0 cuts a hole (ring, crescent).
+SHAPES = {
+    "circle": [(_circle(), 255)],
+    "square": [(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 0.8, 255)],
+    "triangle": [(_circle(n=3), 255)],
+    "star": [(_star(), 255)],
+    "cross": [(np.array([[-.3, -1], [.3, -1], [.3, -.3], [1, -.3], [1, .3], [.3, .3], [.3, 1], [-.3, 1],
+                         [-.3, .3], [-1, .3], [-1, -.3], [-.3, -.3]]), 255)],
+    "ring": [(_circle(), 255), (_circle(0.55), 0)],
+    "bar": [(np.array([[-1, -.25], [1, -.25], [1, .25], [-1, .25]]), 255)],
+    "crescent": [(_circle(), 255), (_circle(0.85, dx=0.5), 0)],
+    "arrow": [(np.array([[-1, -.2], [.2, -.2], [.2, -.6], [1, 0], [.2, .6], [.2, .2], [-1, .2]]), 255)],
+    "heart": [(_heart(), 255)],
+}
+
+
+class ShapesDataset(Dataset):
+    """Ten filled shapes (SHAPES) at a random position, size, rotation and colour over clutter: a smooth colour
+    field, a coarse texture, random lines, blobs and small polygon fragments, plus pixel noise.
+
+    Image i of a split is drawn from a numpy Generator seeded with (seed, split, i), so it is the same in every
+    process and never stored: drawing one 64 px image takes ~1 ms of CPU, so each loader worker makes ~1000 images
+    a second (use a few workers on a GPU). Labels
+    cycle through the classes (i % 10), so every split is exactly balanced. 5000 train / 1000 test images: enough
+    for a small ViT to learn the shapes in minutes on a CPU, and a test accuracy resolved to 0.1%.
+    Raw pixels are no use here: 1-nearest-neighbour on pixels scores ~12% (chance 10%; tests/test_data.py).
+    `mask(i)` gives the object's ground-truth pixels (S, S) bool, for attention-map segmentation (Jaccard).
+    """
+    SIZES = {"train": 5000, "test": 1000}
+
+    def __init__(self, split="train", load_size=64, seed=0, num_images=None):
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: use 'train' or 'test'")
+        self.split, self.load_size, self.seed, self.source = split, load_size, seed, "shapes"
+        self.classes = list(SHAPES)
+        self.num_classes = len(self.classes)
+        self.num_images = num_images or self.SIZES[split]
+        self.targets = [i % self.num_classes for i in range(self.num_images)]
+
+    def __len__(self):
+        return self.num_images
+
+    def render(self, i):
+        """-> image uint8 (3, S, S), label int, mask bool (S, S): the pixels covered by the object."""
+        S, label = self.load_size, self.targets[i]
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
+        # background: a smooth colour field plus a coarse texture, both upsampled from tiny random images
+        field = Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)).resize((S, S), Image.BILINEAR)
+        texture = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((S, S), Image.BICUBIC)
+        image = Image.blend(field, texture, 0.35)
+        draw, width = ImageDraw.Draw(image), max(1, S // 64)
+        colours = iter([tuple(c) for c in rng.integers(0, 256, (17, 3)).tolist()])  # 9 + 5 + 3 at most
+        for x0, y0, x1, y1 in rng.uniform(-0.1, 1.1, (rng.integers(4, 10), 4)) * S:  # lines
+            draw.line([(x0, y0), (x1, y1)], next(colours), width * int(rng.integers(1, 4)))
+        for cx, cy, rx, ry in rng.uniform((0, 0, 0.03, 0.03), (1, 1, 0.12, 0.12), (rng.integers(2, 6), 4)):
+            draw.ellipse([(cx - rx) * S, (cy - ry) * S, (cx + rx) * S, (cy + ry) * S], next(colours))  # blobs
+        for _ in range(rng.integers(1, 4)):  # polygon fragments, smaller than any object
+            points = rng.uniform(-1, 1, (int(rng.integers(3, 6)), 2))
+            draw.polygon(_polygon(points, 0.0, rng.uniform(0.04, 0.1), *rng.uniform(0, 1, 2), S), next(colours))
+        # the object: a random radius (fraction of the side), fully inside the image, at any angle
+        radius = rng.uniform(0.16, 0.3)
+        cx, cy = rng.uniform(radius, 1 - radius, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        mask_image = Image.new("L", (S, S), 0)
+        mask_draw = ImageDraw.Draw(mask_image)
+        for points, fill in SHAPES[self.classes[label]]:
+            mask_draw.polygon(_polygon(points, angle, radius, cx, cy, S), fill)
+        mask = np.asarray(mask_image) > 127
+        pixels = np.asarray(image).astype(np.float32)
+        # the object's colour: the most distant of 8 random colours from the background it covers, so it stays
+        # visible; no colour belongs to a class.
+        candidates = rng.uniform(0, 255, (8, 3))
+        under = pixels[mask].mean(0) if mask.any() else pixels.mean((0, 1))
+        pixels[mask] = candidates[np.argmax(((candidates - under) ** 2).sum(1))]
+        pixels += (rng.random(pixels.shape, dtype=np.float32) - 0.5) * 28  # uniform pixel noise, std 8
+        image = torch.from_numpy(pixels.round().clip(0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
+        return image, label, torch.from_numpy(mask)
+
+    def __getitem__(self, i):
+        image, label, _ = self.render(i)
+        return image, label
+
+    def mask(self, i):
+        """Ground-truth foreground of image i: bool tensor (S, S), True on the object."""
+        return self.render(i)[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real images: sklearn digits, CIFAR, image folders
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as one uint8 tensor (N, 3, h, w), resized per item to load_size when it differs."""
+
+    def __init__(self, images, targets, classes, load_size, source, split):
+        self.images, self.targets, self.classes = images, targets, classes
+        self.num_classes, self.load_size, self.source, self.split = len(classes), load_size, source, split
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        if image.shape[-2:] != (self.load_size, self.load_size):  # bicubic, antialiased when shrinking
+            image = F.interpolate(image[None].float(), size=self.load_size, mode="bicubic", antialias=True)[0]
+            image = image.round().clamp(0, 255).to(torch.uint8)
+        return image, self.targets[i]
+
+
+def digits_dataset(split, load_size=32):
+    """scikit-learn's 1797 bundled 8x8 handwritten digits (values 0..16): a fixed stratified split of 1437 train /
+    360 test images (random_state=0), upscaled bilinearly to load_size, grey copied to 3 channels."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    train, test = train_test_split(np.arange(len(digits.target)), test_size=360, stratify=digits.target,
+                                   random_state=0)
+    index = train if split == "train" else test
+    images = torch.from_numpy(digits.images[index]).float()[:, None] / 16  # (N, 1, 8, 8) in [0, 1]
+    images = F.interpolate(images, size=(load_size, load_size), mode="bilinear", align_corners=False)
+    images = (images * 255).round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return TensorImageDataset(images, digits.target[index].tolist(), [str(c) for c in range(10)], load_size,
+                              "digits", split)
+
+
+def _find_cifar(root):
+    """The CIFAR "python version" folder at or just under root, or None."""
+    for folder in (root, os.path.join(root, "cifar-10-batches-py"), os.path.join(root, "cifar-100-python")):
+        files = {entry.name for entry in os.scandir(folder) if entry.is_file()} if os.path.isdir(folder) else set()
+        if {"data_batch_1", "test_batch", "batches.meta"} <= files or {"train", "test", "meta"} <= files:
+            return folder
+    return None
+
+
+def _unpickle(path):
+    with open(path, "rb") as f:
+        entries = pickle.load(f, encoding="bytes")  # the official files are Python 2 pickles with bytes keys
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in entries.items()}
+
+
+def cifar_dataset(folder, split, load_size=32):
+    """CIFAR-10 (data_batch_1..5, test_batch, batches.meta) or CIFAR-100 (train, test, meta; fine labels)."""
+    cifar10 = os.path.isfile(os.path.join(folder, "data_batch_1"))
+    if cifar10:
+        files = [f"data_batch_{k}" for k in range(1, 6)] if split == "train" else ["test_batch"]
+        files = [f for f in files if os.path.isfile(os.path.join(folder, f))]
+        meta, names_key, labels_key = "batches.meta", "label_names", "labels"
+    else:
+        files, meta, names_key, labels_key = [split], "meta", "fine_label_names", "fine_labels"
+    batches = [_unpickle(os.path.join(folder, f)) for f in files]
+    images = torch.from_numpy(np.concatenate([b["data"] for b in batches])).reshape(-1, 3, 32, 32)
+    targets = [int(t) for b in batches for t in b[labels_key]]
+    names = _unpickle(os.path.join(folder, meta))[names_key]
+    classes = [n.decode() if isinstance(n, bytes) else n for n in names]
+    return TensorImageDataset(images, targets, classes, load_size, "cifar10" if cifar10 else "cifar100", split)
+
+
+def load_image(path, load_size):
+    """Decode any Pillow-readable file to RGB, resize the shorter side to load_size (bicubic) and take the centre
+    load_size x load_size square: -> uint8 tensor (3, load_size, load_size). Smaller images are upscaled."""
+    with Image.open(path) as image:
+        image.draft("RGB", (load_size, load_size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale if still >= load_size
+        if image.mode.startswith("I"):  # 16-bit greyscale (PNG, TIFF): keep the high byte
+            image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+        elif image.mode == "P":  # palette, maybe with a transparent colour: through RGBA, as Pillow advises
+            image = image.convert("RGBA")
+        image = image.convert("RGB")  # greyscale, CMYK, RGBA (alpha dropped), ...
+        w, h = image.size
+        side = min(w, h)  # resize + centre crop in one step: resample the central square only
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        image = image.resize((load_size, load_size), Image.BICUBIC, box=box)
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+def _list_images(folder, classes=None):
+    """(path, class index) for every image under folder/<class>/ (recursively), in sorted order."""
+    if classes is None:
+        classes = sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
+    samples = []
+    for label, name in enumerate(classes):
+        for parent, _, files in sorted(os.walk(os.path.join(folder, name))):
+            samples += [(os.path.join(parent, f), label) for f in sorted(files)
+                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return classes, samples
+
+
+class ImageFolderDataset(Dataset):
+    """ImageNet-style images: root/<class>/<image>, or root/train/<class>/... with root/val/<class>/... for the test
+    split; classes are the sorted folder names of the train folder. Images are decoded by load_image.
+    An unreadable or truncated file yields None (build_loader's collate drops it), warns once naming the file and
+    is counted in `num_skipped` (shared with the DataLoader workers), so a bad file never stops an epoch."""
+
+    def __init__(self, root, split="train", load_size=256):
+        expected = f"expected {root}/<class>/<image>.jpg, or {root}/train/<class>/... and {root}/val/<class>/..."
+        train = os.path.join(root, "train")
+        val = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
+        if not os.path.isdir(train):
+            if val is not None:
+                raise ValueError(f"{root} has a {os.path.basename(val)}/ folder but no train/ folder; {expected}")
+            train = root
+        if split == "test" and val is None:
+            raise ValueError(f"{root} has no val/ folder for the test split; {expected}")
+        self.classes, train_samples = _list_images(train)
+        if not self.classes:
+            raise ValueError(f"{train} has no class folders; {expected}")
+        self.samples = train_samples if split == "train" else _list_images(val, self.classes)[1]
+        if not self.samples:
+            folder = train if split == "train" else val
+            raise ValueError(f"{folder} has no {'/'.join(IMAGE_EXTENSIONS)} images in its class folders; {expected}")
+        self.targets = [label for _, label in self.samples]
+        self.num_classes, self.load_size, self.source, self.split = len(self.classes), load_size, root, split
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # seen by all workers
+
+    def __len__(self):
+        return len(self.samples)
+
+    @property
+    def num_skipped(self):
+        """How many files failed to decode so far."""
+        return int(self.bad.sum())
+
+    def skipped_files(self):
+        return [self.samples[i][0] for i in self.bad.nonzero().flatten().tolist()]
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            return load_image(path, self.load_size), label
+        except Exception as error:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+            if not self.bad[i]:
+                self.bad[i] = True
+                warnings.warn(f"skipping unreadable image {path}: {type(error).__name__}: {error}", stacklevel=2)
+            return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points for the scripts
+
+def build_dataset(data, split, load_size=None):
+    """data: None or "shapes", "digits", an ImageNet-style folder or a CIFAR python folder; split: "train" or
+    "test"; load_size: the side S of the returned square images (default: 64 shapes, 32 digits and CIFAR, 256
+    folders). -> a Dataset of (uint8 (3, S, S), int) with .classes, .num_classes, .targets, .load_size."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use 'train' or 'test'")
+    if data in (None, "shapes"):
+        return ShapesDataset(split, load_size or 64)
+    if data == "digits":
+        return digits_dataset(split, load_size or 32)
+    if not os.path.isdir(data):
+        raise ValueError(f"data={data!r} is not a folder; use 'shapes', 'digits', an ImageNet-style folder "
+                         f"(<class>/<image>.jpg, or train/ and val/) or a CIFAR-10/100 python folder")
+    cifar = _find_cifar(data)
+    if cifar is not None:
+        return cifar_dataset(cifar, split, load_size or 32)
+    return ImageFolderDataset(data, split, load_size or 256)
+
+
+def describe(dataset):
+    """One line for the logs, e.g. 'shapes/train: 5000 images, 10 classes, 64x64 px'."""
+    line = f"{dataset.source}/{dataset.split}: {len(dataset)} images, {dataset.num_classes} classes, " \
+           f"{dataset.load_size}x{dataset.load_size} px"
+    skipped = getattr(dataset, "num_skipped", 0)
+    return line + (f", {skipped} unreadable files skipped" if skipped else "")
+
+
+def _collate(batch, load_size):
+    """Stack (image, label) pairs, dropping the None of unreadable files: a batch may then be smaller, or empty."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return torch.empty(0, 3, load_size, load_size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    return torch.stack([image for image, _ in batch]), torch.tensor([label for _, label in batch])
+
+
+class Loader(DataLoader):
+    """A DataLoader whose order depends only on (seed, epoch): call set_epoch(epoch) before each epoch, so that a
+    resumed run sees the same batches as an uninterrupted one."""
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+
+def build_loader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=0, seed=0, distributed=False):
+    """-> Loader yielding (images uint8 (B, 3, S, S), labels int64 (B,)). The order is a permutation drawn from
+    seed + epoch (DistributedSampler's rule; with distributed=True each process reads every world_size-th image of
+    it, and with drop_last=False the last few are repeated so that all processes get as many).
+    B = batch_size, except in the last batch when drop_last=False and in a batch holding unreadable files."""
+    # one replica unless distributed: the same sampler, and so the same order, for a single process
+    replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
+    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **replicas)
+    if drop_last and len(sampler) < batch_size:
+        raise ValueError(f"batch_size={batch_size} is larger than the {len(sampler)} images per process and "
+                         f"drop_last=True leaves no batch; lower the batch size")
+    return Loader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
+                  collate_fn=partial(_collate, load_size=dataset.load_size), pin_memory=torch.cuda.is_available(),
+                  persistent_workers=num_workers > 0)

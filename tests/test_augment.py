@@ -1,0 +1,272 @@
+"""Batched augmentations (minivit/augment.py) against PIL and colorsys as references, plus their invariants."""
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from minivit import augment
+from minivit.augment import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropAugment, SupervisedAugment,
+                             color_jitter, crop_resize, gaussian_blur, horizontal_flip, normalize, random_grayscale,
+                             random_resized_crop, sample_crop_boxes, solarize, to_float)
+
+dtypes = st.sampled_from([torch.float32, torch.float64])
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def images(B=3, H=24, W=20, dtype=torch.float32, seed=0):
+    return torch.rand(B, 3, H, W, generator=gen(seed), dtype=dtype)
+
+
+def smooth_uint8(H=32, W=40, seed=0):
+    """A photo-like uint8 image (H, W, 3): smooth colour gradients, so resampling differences stay small."""
+    low = torch.randint(0, 256, (1, 3, 4, 4), generator=gen(seed)).float()
+    up = torch.nn.functional.interpolate(low, size=(H, W), mode="bilinear", align_corners=False)
+    return up[0].permute(1, 2, 0).round().to(torch.uint8).numpy()
+
+
+def to_batch(array):  # (H, W, 3) uint8 -> (1, 3, H, W) float in [0, 1]
+    return torch.from_numpy(np.asarray(array).copy()).permute(2, 0, 1)[None].double() / 255
+
+
+def test_to_float_and_normalize():
+    x = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert torch.equal(to_float(x).flatten(), torch.tensor([0.0, 1.0, 0.2]))
+    with pytest.raises(ValueError, match="uint8"):
+        to_float(x.float())
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    assert torch.allclose(normalize(mean), torch.zeros(2, 3, 4, 4), atol=1e-6)
+    one_std_up = mean + torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(normalize(one_std_up), torch.ones(2, 3, 4, 4), atol=1e-6)
+
+
+@given(B=st.integers(1, 4), H=st.integers(1, 40), W=st.integers(1, 40), size=st.integers(1, 24),
+       interpolation=st.sampled_from(["bicubic", "bilinear"]), dtype=dtypes, seed=st.integers(0, 99))
+def test_random_resized_crop_shape_range_dtype(B, H, W, size, interpolation, dtype, seed):
+    x = images(B, H, W, dtype, seed)
+    y = random_resized_crop(x, size, generator=gen(seed), interpolation=interpolation, hflip_p=0.5)
+    assert y.shape == (B, 3, size, size) and y.dtype == dtype
+    assert y.min() >= 0 and y.max() <= 1
+
+
+@given(H=st.integers(1, 300), W=st.integers(1, 300), seed=st.integers(0, 99),
+       scale=st.sampled_from([(0.08, 1.0), (0.4, 1.0), (0.05, 0.4), (0.3, 0.3)]))
+def test_crop_boxes_inside_image_with_area_and_ratio_in_range(H, W, seed, scale):
+    boxes = sample_crop_boxes(64, H, W, scale, generator=gen(seed))
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= H).all() and (left + w <= W).all()
+    if min(H, W) >= 64:  # pixel rounding is then small against the box sides
+        area = (h * w).double() / (H * W)
+        fallback = ((h == H) | (w == W)) & ((area > scale[1] + 0.03) | (area < scale[0] - 0.03))
+        ok = ~fallback
+        assert (area[ok] >= scale[0] * 0.95 - 0.01).all() and (area[ok] <= scale[1] * 1.05 + 0.01).all()
+        aspect = w[ok].double() / h[ok]
+        assert (aspect > 3 / 4 * 0.9).all() and (aspect < 4 / 3 * 1.1).all()
+
+
+@pytest.mark.parametrize("size, scale", [(224, (0.4, 1.0)), (96, (0.05, 0.4))])
+def test_dino_crop_areas_fall_in_their_scale_ranges(size, scale):
+    boxes = sample_crop_boxes(4000, 256, 256, scale, generator=gen(1))
+    area = (boxes[:, 2] * boxes[:, 3]).double() / 256 ** 2
+    assert area.min() >= scale[0] - 0.005 and area.max() <= scale[1] + 0.005
+    assert area.min() < scale[0] + 0.02 and area.max() > scale[1] - 0.02  # the whole range is used
+
+
+def test_crop_fallback_is_torchvisions_central_crop():
+    # a full-area box with aspect ratio >= 2 never fits a square: the central crop cut to ratio 2 (w = 2 h)
+    boxes = sample_crop_boxes(5, 40, 40, scale=(1.0, 1.0), ratio=(2.0, 3.0), generator=gen())
+    assert torch.equal(boxes, torch.tensor([[10, 0, 20, 40]] * 5))
+
+
+@given(H=st.integers(2, 30), dtype=dtypes, interpolation=st.sampled_from(["bicubic", "bilinear"]))
+def test_full_crop_at_the_same_size_is_identity_and_flip_mirrors(H, dtype, interpolation):
+    x = images(2, H, H, dtype)
+    y = random_resized_crop(x, H, scale=(1, 1), ratio=(1, 1), generator=gen(), interpolation=interpolation)
+    assert torch.allclose(y, x, atol=1e-5)
+    full = torch.tensor([[0, 0, H, H]] * 2)
+    flipped = crop_resize(x, full, H, interpolation, flip=torch.tensor([True, False]))
+    assert torch.allclose(flipped[0], x[0].flip(-1), atol=1e-5) and torch.allclose(flipped[1], x[1], atol=1e-5)
+
+
+def test_crop_resize_matches_pil_bilinear_upscaling():
+    array = smooth_uint8(32, 40)
+    top, left, h, w, size = 5, 7, 17, 21, 48  # upscaling, where PIL's resize needs no antialiasing filter
+    expected = Image.fromarray(array).resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    ours = crop_resize(to_batch(array), torch.tensor([[top, left, h, w]]), size, "bilinear")
+    assert (ours - to_batch(expected)).abs().max() < 2.5 / 255
+
+
+def test_crop_resize_on_non_square_input_and_output():
+    x = images(2, 30, 50)
+    y = crop_resize(x, torch.tensor([[0, 10, 30, 30], [5, 0, 20, 50]]), (12, 20), "bilinear")
+    assert y.shape == (2, 3, 12, 20)
+    assert torch.allclose(y[0].mean(), x[0, :, :, 10:40].mean(), atol=0.03)
+
+
+@given(B=st.integers(1, 6), dtype=dtypes, seed=st.integers(0, 99))
+def test_flip_twice_is_identity_and_probabilities_are_exact_at_0_and_1(B, dtype, seed):
+    x = images(B, 5, 7, dtype, seed)
+    assert torch.equal(horizontal_flip(horizontal_flip(x, 1.0, gen(seed)), 1.0, gen(seed)), x)
+    assert torch.equal(horizontal_flip(x, 1.0, gen(seed)), x.flip(-1))
+    for fn in (horizontal_flip, color_jitter, random_grayscale, gaussian_blur, solarize):
+        assert torch.equal(fn(x, p=0.0, generator=gen(seed)), x)
+
+
+def test_flip_with_a_seed_mirrors_the_chosen_images_only():
+    x = images(200, 4, 6)
+    y = horizontal_flip(x, 0.5, gen(3))
+    flipped = (y == x.flip(-1)).flatten(1).all(1)
+    kept = (y == x).flatten(1).all(1)
+    assert (flipped ^ kept).all() and 70 < flipped.sum() < 130
+
+
+@pytest.mark.parametrize("op, factor, pil", [
+    (0, 1.3, ImageEnhance.Brightness), (0, 0.6, ImageEnhance.Brightness),
+    (1, 1.4, ImageEnhance.Contrast), (1, 0.6, ImageEnhance.Contrast),
+    (2, 1.2, ImageEnhance.Color), (2, 0.8, ImageEnhance.Color)])
+def test_brightness_contrast_saturation_match_pil(op, factor, pil):
+    array = smooth_uint8()
+    expected = to_batch(pil(Image.fromarray(array)).enhance(factor))
+    ours = augment._JITTER_OPS[op](to_batch(array), torch.tensor(factor).double().view(1, 1, 1, 1))
+    assert (ours - expected).abs().max() < 2.5 / 255  # PIL rounds to uint8 (and the mean grey level for contrast)
+
+
+@pytest.mark.parametrize("shift", [0.1, -0.07, 0.5])
+def test_hue_shift_matches_colorsys(shift):
+    x = images(1, 6, 5, torch.float64)
+    x[0, :, 0, 0] = torch.tensor([0.5, 0.5, 0.5], dtype=torch.float64)  # grey: no hue
+    x[0, :, 0, 1] = torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)  # black
+    ours = augment._adjust_hue(x, torch.tensor(shift).double().view(1, 1, 1, 1))
+    expected = torch.empty_like(x)
+    for i in range(6):
+        for j in range(5):
+            h, s, v = colorsys.rgb_to_hsv(*x[0, :, i, j].tolist())
+            expected[0, :, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + shift) % 1, s, v))
+    assert torch.allclose(ours, expected, atol=1e-9)
+
+
+@given(B=st.integers(1, 8), H=st.integers(1, 12), W=st.integers(1, 12), dtype=dtypes, seed=st.integers(0, 99))
+def test_color_jitter_stays_in_range_and_is_identity_without_strength(B, H, W, dtype, seed):
+    x = images(B, H, W, dtype, seed)
+    y = color_jitter(x, generator=gen(seed), p=1.0)
+    assert y.shape == x.shape and y.dtype == dtype and y.min() >= 0 and y.max() <= 1
+    same = color_jitter(x, brightness=0, contrast=0, saturation=0, hue=0, p=1.0, generator=gen(seed))
+    assert torch.allclose(same, x, atol=1e-5)  # factor 1 for each op; hue 0 round-trips through HSV
+
+
+def test_color_jitter_draws_per_image_factors():
+    x = images(1, 8, 8).expand(16, -1, -1, -1)
+    y = color_jitter(x, p=1.0, generator=gen())
+    assert len({tuple(v) for v in y.mean((2, 3)).mul(1e4).round().tolist()}) == 16
+
+
+def test_grayscale_has_equal_channels_and_matches_pil():
+    array = smooth_uint8()
+    y = random_grayscale(to_batch(array), p=1.0, generator=gen())
+    assert torch.equal(y[:, 0], y[:, 1]) and torch.equal(y[:, 1], y[:, 2])
+    expected = torch.from_numpy(np.array(Image.fromarray(array).convert("L"))).double() / 255
+    assert (y[0, 0] - expected).abs().max() < 1 / 255
+
+
+@given(H=st.integers(1, 30), W=st.integers(1, 30), dtype=dtypes, seed=st.integers(0, 99))
+def test_blur_keeps_shape_range_and_constants(H, W, dtype, seed):
+    x = images(3, H, W, dtype, seed)
+    y = gaussian_blur(x, p=1.0, generator=gen(seed))
+    assert y.shape == x.shape and y.dtype == dtype and y.min() >= -1e-6 and y.max() <= 1 + 1e-6
+    constant = torch.full((2, 3, H, W), 0.3, dtype=dtype)
+    assert torch.allclose(gaussian_blur(constant, p=1.0, generator=gen(seed)), constant, atol=1e-5)
+
+
+def test_blur_preserves_the_mean_and_smooths():
+    x = images(4, 48, 48)
+    y = gaussian_blur(x, p=1.0, sigma=(1.0, 2.0), generator=gen())
+    assert torch.allclose(y.mean((1, 2, 3)), x.mean((1, 2, 3)), atol=3e-3)
+    assert (y.std((1, 2, 3)) < 0.5 * x.std((1, 2, 3))).all()
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.5])
+def test_blur_matches_pil_gaussian_blur(sigma):
+    array = (smooth_uint8(40, 40).astype(np.float64) + np.random.default_rng(0).uniform(-40, 40, (40, 40, 3)))
+    array = array.clip(0, 255).astype(np.uint8)
+    expected = to_batch(Image.fromarray(array).filter(ImageFilter.GaussianBlur(sigma)))
+    ours = gaussian_blur(to_batch(array), p=1.0, sigma=(sigma, sigma), generator=gen())
+    inner = (slice(None), slice(None), slice(6, -6), slice(6, -6))  # PIL pads differently at the border
+    assert (ours - expected)[inner].abs().mean() < 1.5 / 255  # PIL approximates the Gaussian by box blurs
+
+
+def test_solarize_matches_pil_and_is_identity_above_one():
+    array = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2)
+    expected = to_batch(ImageOps.solarize(Image.fromarray(array), threshold=128))
+    assert torch.allclose(solarize(to_batch(array), p=1.0, generator=gen()), expected, rtol=0, atol=1e-12)
+    x = images()
+    assert torch.equal(solarize(x, p=1.0, threshold=1.01, generator=gen()), x)
+
+
+def test_supervised_and_eval_views():
+    x = torch.randint(0, 256, (3, 3, 40, 56), dtype=torch.uint8, generator=gen())
+    assert SupervisedAugment(32)(x, gen()).shape == (3, 3, 32, 32)
+    assert EvalTransform(32)(x).shape == (3, 3, 32, 32)
+    square = torch.randint(0, 256, (2, 3, 256, 256), dtype=torch.uint8, generator=gen())
+    # resize 256 + centre crop 224 of a 256 square is a plain centre crop
+    expected = normalize(to_float(square)[..., 16:240, 16:240])
+    assert torch.allclose(EvalTransform(224, resize=256)(square), expected)
+    with pytest.raises(ValueError, match="resize"):
+        EvalTransform(224, resize=200)
+
+
+def test_eval_resize_keeps_the_centre():
+    x = torch.zeros(1, 3, 30, 90, dtype=torch.uint8)
+    x[..., 30:60] = 255  # a white centre third
+    y = EvalTransform(10)(x) * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    assert y.shape == (1, 3, 10, 10) and y[..., 1:-1].min() > 0.99 and y.min() > 0.9  # antialiasing softens edges
+
+
+def test_multicrop_default_recipe_is_dinos():
+    m = MultiCropAugment()
+    assert (m.global_crop_size, m.local_crop_size, m.local_crops_number) == (224, 96, 8)
+    assert m.global_crops_scale == (0.4, 1.0) and m.local_crops_scale == (0.05, 0.4)
+
+
+def test_multicrop_views_shapes_and_per_view_probabilities(monkeypatch):
+    calls = []
+    for name in ("random_resized_crop", "color_jitter", "random_grayscale", "gaussian_blur", "solarize"):
+        original = getattr(augment, name)
+
+        def spy(x, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, args, {k: v for k, v in kwargs.items() if k != "generator"}))
+            return _original(x, *args, **kwargs)
+        monkeypatch.setattr(augment, name, spy)
+    x = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8, generator=gen())
+    views = MultiCropAugment(24, 12, local_crops_number=3)(x, gen())
+    assert [tuple(v.shape) for v in views] == [(3, 3, 24, 24)] * 2 + [(3, 3, 12, 12)] * 3
+    crops = [(args, kw["hflip_p"]) for name, args, kw in calls if name == "random_resized_crop"]
+    assert crops == [((24, (0.4, 1.0)), 0.5)] * 2 + [((12, (0.05, 0.4)), 0.5)] * 3
+    p = {name: [kw["p"] for n, _, kw in calls if n == name] for name in ("gaussian_blur", "solarize")}
+    assert p == {"gaussian_blur": [1.0, 0.1, 0.5], "solarize": [0.0, 0.2, 0.0]}  # global 1, global 2, locals
+    jitter = [(args, kw) for name, args, kw in calls if name == "color_jitter"]
+    assert jitter == [((0.4, 0.4, 0.2, 0.1), {"p": 0.8})] * 3
+    assert [kw["p"] for name, _, kw in calls if name == "random_grayscale"] == [0.2] * 3
+
+
+def test_multicrop_is_reproducible_and_seed_dependent():
+    x = torch.randint(0, 256, (4, 3, 48, 36), dtype=torch.uint8, generator=gen())
+    m = MultiCropAugment(32, 16, local_crops_number=2)
+    a, b, c = m(x, gen(5)), m(x, gen(5)), m(x, gen(6))
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not any(torch.equal(u, v) for u, v in zip(a, c))
+    assert all(v.dtype == torch.float32 for v in a)
+    assert a[0].min() < -1 and a[0].max() > 1  # normalised, no longer in [0, 1]
+
+
+def test_empty_batch_passes_through():
+    empty = torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+    views = MultiCropAugment(16, 8, 2)(empty, gen())
+    assert [tuple(v.shape) for v in views] == [(0, 3, 16, 16)] * 2 + [(0, 3, 8, 8)] * 2
+    assert SupervisedAugment(16)(empty, gen()).shape == (0, 3, 16, 16)

@@ -1,0 +1,276 @@
+"""Datasets and loader (minivit/data.py): every source, odd image files, errors and the per-epoch order."""
+import io
+import os
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+from minivit.data import ShapesDataset, build_dataset, build_loader, describe, load_image
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+def test_shapes_sizes_types_and_balance():
+    train, test = build_dataset(None, "train"), build_dataset("shapes", "test")
+    assert (len(train), len(test), train.num_classes, len(train.classes)) == (5000, 1000, 10, 10)
+    image, label = train[3]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8 and isinstance(label, int)
+    assert np.bincount(test.targets).tolist() == [100] * 10
+    assert describe(train) == "shapes/train: 5000 images, 10 classes, 64x64 px"
+
+
+def test_shapes_are_deterministic_and_splits_differ():
+    a, b = ShapesDataset("train"), ShapesDataset("train")
+    assert torch.equal(a[7][0], b[7][0]) and torch.equal(a[7][0], a[7][0])
+    assert torch.equal(a.mask(7), b.mask(7))
+    assert not torch.equal(a[7][0], ShapesDataset("test")[7][0])
+    assert not torch.equal(a[7][0], ShapesDataset("train", seed=1)[7][0])
+
+
+def test_shapes_masks_are_the_object():
+    ds = ShapesDataset("train")
+    for i in range(20):
+        image, label, mask = ds.render(i)
+        assert mask.shape == (64, 64) and mask.dtype == torch.bool
+        assert 0.01 < mask.float().mean() < 0.5
+        pixels = image.float()
+        # inside the mask: one flat colour plus the pixel noise (std 8); just outside: a clearly different colour
+        around = F.max_pool2d(mask[None, None].float(), 5, 1, 2)[0, 0].bool() & ~mask
+        inside, outside = pixels[:, mask], pixels[:, around]
+        assert inside.std(1).max() < 10
+        assert (inside.mean(1) - outside.mean(1)).norm() > 60
+
+
+def test_shapes_render_at_any_load_size_with_aligned_masks():
+    small, large = ShapesDataset("test", 64), ShapesDataset("test", 128)
+    assert large[0][0].shape == (3, 128, 128) and large.mask(0).shape == (128, 128)
+    for i in range(5):  # the same object, drawn at twice the resolution
+        down = F.avg_pool2d(large.mask(i)[None].float(), 2)[0] > 0.5
+        assert (down & small.mask(i)).sum() / (down | small.mask(i)).sum() > 0.85
+
+
+def test_raw_pixels_are_useless_on_shapes():
+    """1-nearest-neighbour on raw pixels: 12.5% with 1000 training images, 15.4% with all 5000 (1000 test
+    images; chance is 10%), where a small CNN learns the shapes. Keeps the default set hard."""
+    train, test = ShapesDataset("train", num_images=1000), ShapesDataset("test", num_images=500)
+    x_train = torch.stack([train[i][0] for i in range(len(train))]).flatten(1).float()
+    x_test = torch.stack([test[i][0] for i in range(len(test))]).flatten(1).float()
+    nearest = torch.cdist(x_test, x_train).argmin(1)
+    accuracy = (torch.tensor(train.targets)[nearest] == torch.tensor(test.targets)).float().mean().item()
+    assert accuracy < 0.22
+
+
+# ---------------------------------------------------------------------------------------------- digits
+
+def test_digits_split_is_fixed_and_stratified():
+    train, test = build_dataset("digits", "train"), build_dataset("digits", "test")
+    assert (len(train), len(test), train.num_classes) == (1437, 360, 10)
+    image, _ = test[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    assert min(np.bincount(test.targets)) >= 35 and max(np.bincount(test.targets)) <= 37
+    assert torch.equal(build_dataset("digits", "test")[5][0], test[5][0])
+    assert test.images.max() == 255 and test.images.min() == 0
+    assert build_dataset("digits", "train", load_size=16)[0][0].shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+
+def save(path, image, **kwargs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path, **kwargs)
+
+
+def jpeg_bytes(size=(40, 30)):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """train/{cat,dog} with 8 readable images of every awkward kind and 2 broken ones; val/dog with 2 images."""
+    root = tmp_path / "imagenet"
+    cat, dog = root / "train" / "cat", root / "train" / "dog"
+    save(str(cat / "rgb.jpg"), Image.new("RGB", (40, 30), (255, 0, 0)))
+    save(str(cat / "grey.png"), Image.new("L", (30, 40), 128))
+    save(str(cat / "cmyk.JPG"), Image.new("CMYK", (33, 33), (0, 255, 255, 0)))  # red in CMYK
+    save(str(cat / "nested" / "alpha.png"), Image.new("RGBA", (20, 20), (0, 0, 255, 40)))
+    palette = Image.new("RGB", (16, 16), (0, 255, 0)).convert("P")
+    save(str(dog / "palette.png"), palette, transparency=0)
+    save(str(dog / "deep.png"), Image.fromarray(np.full((10, 12), 65535, np.uint16)))  # 16-bit grey, white
+    save(str(dog / "tiny.bmp"), Image.new("RGB", (5, 7), (10, 20, 30)))
+    save(str(dog / "photo.webp"), Image.new("RGB", (50, 20), (0, 0, 0)))
+    (dog / "truncated.jpg").write_bytes(jpeg_bytes()[:300])
+    (dog / "broken.png").write_bytes(b"not an image at all")
+    (dog / "notes.txt").write_text("ignored")
+    (dog / ".hidden.jpg").write_bytes(b"ignored")
+    save(str(root / "val" / "dog" / "a.jpg"), Image.new("RGB", (64, 48), (0, 0, 255)))
+    save(str(root / "val" / "dog" / "b.png"), Image.new("RGB", (48, 64), (0, 0, 255)))
+    return str(root)
+
+
+def test_load_image_converts_every_mode_to_an_rgb_square(folder):
+    cat, dog = os.path.join(folder, "train", "cat"), os.path.join(folder, "train", "dog")
+    expected = {os.path.join(cat, "rgb.jpg"): (255, 0, 0), os.path.join(cat, "grey.png"): (128, 128, 128),
+                os.path.join(cat, "cmyk.JPG"): (255, 0, 0), os.path.join(cat, "nested", "alpha.png"): (0, 0, 255),
+                os.path.join(dog, "palette.png"): (0, 255, 0), os.path.join(dog, "deep.png"): (255, 255, 255),
+                os.path.join(dog, "tiny.bmp"): (10, 20, 30), os.path.join(dog, "photo.webp"): (0, 0, 0)}
+    for path, colour in expected.items():
+        image = load_image(path, 24)
+        assert image.shape == (3, 24, 24) and image.dtype == torch.uint8, path
+        assert (image.float().mean((1, 2)) - torch.tensor(colour)).abs().max() <= 3, path
+
+
+def test_load_image_keeps_the_centre(tmp_path):
+    stripes = np.zeros((20, 60, 3), np.uint8)
+    stripes[:, 20:40] = (0, 255, 0)  # green centre third of a wide image
+    save(str(tmp_path / "wide.png"), Image.fromarray(stripes))
+    image = load_image(str(tmp_path / "wide.png"), 10)
+    assert (image[1, :, 1:-1] > 250).all() and (image[1] > 200).all() and (image[0] < 5).all()
+
+
+def test_folder_loader_skips_and_counts_unreadable_files(folder):
+    ds = build_dataset(folder, "train", load_size=16)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 10 and ds.num_classes == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(build_loader(ds, batch_size=4, shuffle=False, drop_last=False))
+    assert sorted(str(w.message).split(":")[0] for w in caught) == [
+        f"skipping unreadable image {os.path.join(folder, 'train', 'dog', name)}" for name in
+        ("broken.png", "truncated.jpg")]
+    labels = torch.cat([y for _, y in batches])
+    assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and labels.dtype == torch.int64
+    assert all(x.shape[1:] == (3, 16, 16) and x.dtype == torch.uint8 for x, _ in batches)
+    assert ds.num_skipped == 2 and "2 unreadable files skipped" in describe(ds)
+    with warnings.catch_warnings(record=True) as caught:  # warned once per file, not every epoch
+        warnings.simplefilter("always")
+        list(build_loader(ds, batch_size=4, shuffle=False, drop_last=False))
+    assert not caught
+
+
+def test_folder_loader_with_workers_counts_across_processes(folder):
+    ds = build_dataset(folder, "train", load_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        n = sum(len(y) for _, y in build_loader(ds, batch_size=3, shuffle=True, drop_last=False, num_workers=2))
+    assert n == 8 and ds.num_skipped == 2
+    assert sorted(os.path.basename(p) for p in ds.skipped_files()) == ["broken.png", "truncated.jpg"]
+
+
+def test_a_batch_of_broken_files_comes_out_empty(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(b"broken")
+    save(str(tmp_path / "a" / "y.png"), Image.new("RGB", (4, 4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shapes = [tuple(x.shape) for x, _ in build_loader(build_dataset(str(tmp_path), "train", 8), 1, False)]
+    assert shapes == [(0, 3, 8, 8), (1, 3, 8, 8)]
+
+
+def test_val_folder_is_the_test_split_with_the_train_classes(folder):
+    test = build_dataset(folder, "test", load_size=16)
+    assert test.classes == ["cat", "dog"] and test.targets == [1, 1] and len(test) == 2
+
+
+def test_folder_errors_are_one_line_and_name_the_path(tmp_path, folder):
+    def error(data, split="train"):
+        with pytest.raises(ValueError) as info:
+            build_dataset(data, split)
+        message = str(info.value)
+        assert "\n" not in message
+        return message
+    assert str(tmp_path / "missing") in error(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    assert "no class folders" in error(str(tmp_path / "empty"))
+    (tmp_path / "no_images" / "cat").mkdir(parents=True)
+    assert "has no" in error(str(tmp_path / "no_images"))
+    save(str(tmp_path / "flat" / "x.jpg"), Image.new("RGB", (4, 4)))
+    assert "no class folders" in error(str(tmp_path / "flat"))
+    assert "no val/ folder" in error(os.path.join(folder, "train"), "test")
+    (tmp_path / "only_val" / "val" / "cat").mkdir(parents=True)
+    assert "no train/ folder" in error(str(tmp_path / "only_val"))
+    assert "split" in error("shapes", "validation")
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+
+def write_pickle(path, entries):
+    with open(path, "wb") as f:
+        pickle.dump(entries, f)
+
+
+def cifar_images(n, offset):
+    return (np.arange(n * 3072).reshape(n, 3072) + offset).astype(np.uint8)
+
+
+def test_cifar10_python_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for k in range(1, 6):  # bytes keys, as the official Python 2 pickles load
+        write_pickle(folder / f"data_batch_{k}", {b"data": cifar_images(2, k), b"labels": [k, 9 - k]})
+    write_pickle(folder / "test_batch", {b"data": cifar_images(3, 0), b"labels": [0, 1, 2]})
+    write_pickle(folder / "batches.meta", {b"label_names": [f"class{c}".encode() for c in range(10)]})
+    train, test = build_dataset(str(tmp_path), "train"), build_dataset(str(folder), "test")
+    assert (len(train), len(test), train.num_classes, train.classes[3]) == (10, 3, 10, "class3")
+    assert train.targets == [1, 8, 2, 7, 3, 6, 4, 5, 5, 4] and test.targets == [0, 1, 2]
+    image, label = test[1]
+    expected = torch.from_numpy(cifar_images(3, 0)[1].reshape(3, 32, 32))  # R plane, G plane, B plane; row-major
+    assert torch.equal(image, expected) and label == 1 and describe(test).startswith("cifar10/test: 3 images")
+    assert build_dataset(str(folder), "test", load_size=48)[0][0].shape == (3, 48, 48)
+
+
+def test_cifar100_python_folder(tmp_path):
+    write_pickle(tmp_path / "train", {"data": cifar_images(4, 0), "fine_labels": [0, 99, 5, 5],
+                                      "coarse_labels": [0, 19, 1, 1]})
+    write_pickle(tmp_path / "test", {"data": cifar_images(2, 7), "fine_labels": [3, 4], "coarse_labels": [0, 0]})
+    write_pickle(tmp_path / "meta", {"fine_label_names": [f"c{c}" for c in range(100)]})
+    train, test = build_dataset(str(tmp_path), "train"), build_dataset(str(tmp_path), "test")
+    assert (len(train), len(test), train.num_classes) == (4, 2, 100) and train.targets == [0, 99, 5, 5]
+    assert torch.equal(test[0][0], torch.from_numpy(cifar_images(2, 7)[0].reshape(3, 32, 32)))
+
+
+# ---------------------------------------------------------------------------------------------- loader order
+
+def epoch_labels(loader, epoch):
+    loader.set_epoch(epoch)
+    return torch.cat([y for _, y in loader])
+
+
+def test_order_is_fixed_by_seed_and_epoch():
+    ds = build_dataset("digits", "test")
+    a, b = build_loader(ds, 50, seed=0), build_loader(ds, 50, seed=0)
+    first = epoch_labels(a, 0)
+    assert len(first) == 350  # 360 images, drop_last
+    assert torch.equal(epoch_labels(b, 0), first)  # a resumed run sees the same batches
+    assert torch.equal(epoch_labels(b, 3), epoch_labels(a, 3))
+    assert not torch.equal(epoch_labels(a, 1), first)
+    assert not torch.equal(epoch_labels(build_loader(ds, 50, seed=1), 0), first)
+    images, labels = next(iter(a))
+    assert images.shape == (50, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    whole = epoch_labels(build_loader(ds, 64, shuffle=True, drop_last=False), 2)
+    assert sorted(whole.tolist()) == sorted(ds.targets)  # every image once per epoch
+    in_order = epoch_labels(build_loader(ds, 64, shuffle=False, drop_last=False), 5)
+    assert in_order.tolist() == ds.targets
+
+
+def test_distributed_loader_with_one_process_matches_the_plain_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ds = build_dataset("digits", "test")
+        assert torch.equal(epoch_labels(build_loader(ds, 32, distributed=True, seed=4), 2),
+                           epoch_labels(build_loader(ds, 32, seed=4), 2))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_larger_than_the_dataset_is_an_error():
+    with pytest.raises(ValueError, match="batch_size=400"):
+        build_loader(build_dataset("digits", "test"), 400)
