@@ -30,17 +30,21 @@ def extract_features(model, loader, device, transform, chunk_size=256):
     Returns (features float32 (N, D) on `device`, unit rows; labels int64 (N,) on `device`). Under torch.distributed
     the loader must use an unshuffled DistributedSampler; every process then gets all N features, in dataset order.
     """
+    was_training = model.training  # train_dino.py evaluates its teacher mid-training: hand it back as it was
     model.eval()
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
                 else contextlib.nullcontext())
     features, labels = [], []
     for images, targets in loader:
+        if len(images) == 0:  # every file of the batch was unreadable (data.build_loader drops them)
+            continue
         images = transform(images.to(device, non_blocking=True))
         for chunk in images.split(chunk_size):
             with autocast:
                 feats = model(chunk)
             features.append(F.normalize(feats.float().flatten(1), dim=1))  # (b, D), unit rows
         labels.append(targets.to(device))
+    model.train(was_training)
     features, labels = torch.cat(features), torch.cat(labels)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         features, labels = _gather_in_order(features, labels, len(loader.dataset))
@@ -51,6 +55,10 @@ def _gather_in_order(features, labels, num_samples):
     """All-gather per-process features. An unshuffled DistributedSampler gives process r the samples r, r + W,
     r + 2W, ... (padded to equal length), so interleaving the W blocks restores dataset order; padding is cut."""
     world = dist.get_world_size()
+    sizes = [None] * world
+    dist.all_gather_object(sizes, len(labels))
+    if len(set(sizes)) > 1:  # a process skipped unreadable files: the interleaved order would be wrong
+        raise ValueError(f"processes extracted {sizes} features: remove the unreadable files from the data set")
     all_feats = features.new_empty(world * features.shape[0], features.shape[1])
     all_labels = labels.new_empty(world * labels.shape[0])
     dist.all_gather_into_tensor(all_feats, features.contiguous())
@@ -94,25 +102,36 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k=2
     return 100.0 * correct1 / total, top5
 
 
-def knn_eval(model, train_set, test_set, device, ks=(10, 20, 100, 200), T=0.07, image_size=224, batch_size=128,
-             num_workers=0, distributed=None):
-    """Extract features of both data sets with `model` and run the weighted k-NN for every k (train_dino.py uses
-    this). Evaluation view: resize to image_size * 256/224, centre crop image_size (DINO eval protocol).
-    Returns {k: (top1, top5)} in percent; k larger than the training set is skipped."""
+def eval_transform(dataset, image_size=None):
+    """DINO's evaluation view for a minivit.data data set -> an augment.EvalTransform (uint8 batch -> normalised
+    float). Photos (an image folder, decoded as 256 px squares) are resized to image_size * 256/224 and centre-cropped
+    to image_size: the ImageNet protocol, 256 -> 224. The small square sets (shapes, digits, CIFAR) are only resized
+    to image_size, nothing cut off. image_size=None: 224 for photos, the data set's load_size otherwise."""
     from minivit.augment import EvalTransform
+    from minivit.data import ImageFolderDataset
+
+    photos = isinstance(dataset, ImageFolderDataset)
+    size = image_size or (224 if photos else dataset.load_size)
+    return EvalTransform(size, resize=round(size * 256 / 224) if photos else None)
+
+
+def knn_eval(model, train_set, test_set, device, ks=(10, 20, 100, 200), T=0.07, image_size=None, batch_size=128,
+             num_workers=0, distributed=None):
+    """Extract features of both minivit.data sets with the frozen `model` (evaluation view: eval_transform) and run
+    the weighted k-NN for every k; train_dino.py calls this. distributed=None follows torch.distributed.
+    Returns {k: (top1, top5)} in percent; a k larger than the training set is skipped."""
     from minivit.data import build_loader
 
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
-    transform = EvalTransform(image_size, resize=round(image_size * 256 / 224))
+    transform = eval_transform(train_set, image_size)
     feats = {}
     for name, dataset in (("train", train_set), ("test", test_set)):
         loader = build_loader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
                               num_workers=num_workers, seed=0, distributed=distributed)
         feats[name] = extract_features(model, loader, device, transform, chunk_size=batch_size)
     (train_f, train_y), (test_f, test_y) = feats["train"], feats["test"]
-    num_classes = getattr(train_set, "num_classes", None)
-    return {k: knn_classifier(train_f, train_y, test_f, test_y, k=k, T=T, num_classes=num_classes)
+    return {k: knn_classifier(train_f, train_y, test_f, test_y, k=k, T=T, num_classes=train_set.num_classes)
             for k in ks if k <= train_f.shape[0]}
 
 
@@ -128,11 +147,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Weighted k-NN evaluation of a frozen backbone (DINO sec. 4.1)")
     parser.add_argument("--arch", default="vit_s16", help="architecture name from minivit.models.ARCHS")
     parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = "
-                        "random init, a useful baseline: a random ViT already beats chance by a wide margin")
+                        "random init, the baseline that training must beat")
     parser.add_argument("--raw_pixels", action="store_true", help="baseline: normalised pixels as features, no model")
     parser.add_argument("--data", default="shapes", help="'shapes', 'digits', an ImageNet-style or CIFAR folder")
-    parser.add_argument("--image_size", type=int, default=224, help="centre-crop size; images are first resized "
-                        "to image_size * 256/224 as in DINO's evaluation")
+    parser.add_argument("--image_size", type=int, default=None, help="evaluation size (default: the data set's "
+                        "own: 32 digits/CIFAR, 64 shapes, 224 image folders); photos are resized to image_size * "
+                        "256/224 and centre-cropped, as in DINO's evaluation")
     parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="20 is usually the best")
     parser.add_argument("--temperature", type=float, default=0.07, help="T in the vote weight exp(sim / T)")
     parser.add_argument("--batch_size", type=int, default=128)
@@ -140,7 +160,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from minivit.data import build_dataset
+    from minivit.data import build_dataset, describe
     from minivit.models import build_model, load_pretrained
 
     if args.raw_pixels:
@@ -151,13 +171,14 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(str(e))
         if args.weights.lower() != "none":
-            load_pretrained(model, args.weights)
+            print(load_pretrained(model, args.weights))
         name = f"{args.arch} ({'random init' if args.weights.lower() == 'none' else args.weights})"
     model.to(args.device).requires_grad_(False)
-    load_size = round(args.image_size * 256 / 224)
-    train_set = build_dataset(args.data, "train", load_size)
-    test_set = build_dataset(args.data, "val", load_size)
-    print(f"k-NN on {args.data}: {len(train_set)} train / {len(test_set)} test images, {name}, T={args.temperature}")
+    try:
+        train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
+    except ValueError as e:
+        raise SystemExit(str(e))
+    print(f"k-NN: {describe(train_set)}; {describe(test_set)}; {name}; T={args.temperature}")
     t0 = time.time()
     results = knn_eval(model, train_set, test_set, args.device, ks=args.k, T=args.temperature,
                        image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers)

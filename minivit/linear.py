@@ -61,6 +61,8 @@ def image_batches(model, loader, device, transform, n_last_blocks=4, avgpool_pat
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
                 else contextlib.nullcontext())
     for images, labels in loader:
+        if len(images) == 0:  # every file of the batch was unreadable (data.build_loader drops them)
+            continue
         with torch.no_grad(), autocast:
             feats = probe_features(model, transform(images.to(device, non_blocking=True)), n_last_blocks,
                                    avgpool_patchtokens)
@@ -116,7 +118,9 @@ def main(argv=None):
     parser.add_argument("--arch", default="vit_s16", help="architecture name from minivit.models.ARCHS")
     parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = random")
     parser.add_argument("--data", default="shapes", help="'shapes', 'digits', an ImageNet-style or CIFAR folder")
-    parser.add_argument("--image_size", type=int, default=224, help="crop size; eval resizes to size * 256/224 first")
+    parser.add_argument("--image_size", type=int, default=None, help="crop size (default: the data set's own: 32 "
+                        "digits/CIFAR, 64 shapes, 224 image folders); photos are resized to image_size * 256/224 "
+                        "and centre-cropped for evaluation, as in DINO")
     parser.add_argument("--n_last_blocks", type=int, default=4, help="concatenate the CLS tokens of the n last "
                         "blocks: 4 for ViT-S, 1 for ViT-B (DINO)")
     parser.add_argument("--avgpool_patchtokens", action="store_true", help="append the mean patch token of the "
@@ -133,8 +137,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from minivit.augment import EvalTransform, SupervisedAugment
-    from minivit.data import build_dataset, build_loader
+    from minivit.augment import SupervisedAugment
+    from minivit.data import build_dataset, build_loader, describe
+    from minivit.knn import eval_transform
     from minivit.models import build_model, load_pretrained
 
     torch.manual_seed(args.seed)
@@ -143,43 +148,44 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(str(e))
     if args.weights.lower() != "none":
-        load_pretrained(model, args.weights)
+        print(load_pretrained(model, args.weights))
     model.to(args.device).requires_grad_(False).eval()
-    load_size = round(args.image_size * 256 / 224)
-    train_set = build_dataset(args.data, "train", load_size)
-    test_set = build_dataset(args.data, "val", load_size)
+    try:
+        train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
+    except ValueError as e:
+        raise SystemExit(str(e))
     dim = feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens)
     classifier = LinearClassifier(dim, train_set.num_classes).to(args.device)
     optimizer, scheduler = make_optimizer(classifier, args.epochs, args.batch_size, args.lr)
-    print(f"linear probe on {args.data}: {len(train_set)} train / {len(test_set)} test images, {args.arch} "
-          f"({args.weights}), {dim}-d features, lr {optimizer.param_groups[0]['lr']:.2e}")
+    print(f"linear probe: {describe(train_set)}; {describe(test_set)}; {args.arch} ({args.weights}); "
+          f"{dim}-d features; lr {optimizer.param_groups[0]['lr']:.2e}")
 
-    generator = torch.Generator().manual_seed(args.seed)
-    eval_view = EvalTransform(args.image_size, resize=load_size)
-    train_aug = eval_view if args.no_aug else SupervisedAugment(args.image_size, generator=generator)
+    generator = torch.Generator().manual_seed(args.seed)  # crops and the order of precomputed features
+    eval_view = eval_transform(train_set, args.image_size)
+    augment = SupervisedAugment(eval_view.size)
+    train_aug = eval_view if args.no_aug else (lambda images: augment(images, generator))
     probe = dict(n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens)
 
-    def loader(dataset, shuffle, epoch=0):
-        ld = build_loader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=False,
-                          num_workers=args.num_workers, seed=args.seed, distributed=False)
-        if hasattr(ld, "set_epoch"):
-            ld.set_epoch(epoch)
-        return ld
+    train_loader, test_loader = (build_loader(ds, args.batch_size, shuffle=ds is train_set, drop_last=False,
+                                              num_workers=args.num_workers, seed=args.seed)
+                                 for ds in (train_set, test_set))
 
     def cat(batches):  # materialise a whole feature set: (N, F), (N,)
         feats, labels = zip(*batches)
         return torch.cat(feats), torch.cat(labels)
 
-    test_feats = cat(image_batches(model, loader(test_set, False), args.device, eval_view, **probe))
+    # the backbone is frozen: test features (and without augmentation the train features) are computed once
+    test_feats = cat(image_batches(model, test_loader, args.device, eval_view, **probe))
     if args.no_aug:
-        train_feats = cat(image_batches(model, loader(train_set, False), args.device, eval_view, **probe))
+        train_feats = cat(image_batches(model, train_loader, args.device, eval_view, **probe))
     best = 0.0
     t0 = time.time()
     for epoch in range(args.epochs):
         if args.no_aug:
             batches = tensor_batches(*train_feats, args.batch_size, generator)
         else:
-            batches = image_batches(model, loader(train_set, True, epoch), args.device, train_aug, **probe)
+            train_loader.set_epoch(epoch)
+            batches = image_batches(model, train_loader, args.device, train_aug, **probe)
         loss = train_one_epoch(classifier, optimizer, batches)
         scheduler.step()
         top1, top5 = evaluate(classifier, tensor_batches(*test_feats, args.batch_size))
