@@ -125,7 +125,7 @@ def main(argv=None):
     try:
         model = build_model(args.arch, num_classes=0)
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     if not hasattr(model, "get_last_selfattention"):
         raise SystemExit(f"--arch {args.arch} has no self-attention: pick a ViT (vit_s8, vit_s16, vit_b8, ...)")
     if args.weights.lower() != "none":

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@torch.no_grad()  # not inference_mode: the linear probe trains on these features, and autograd refuses inference tensors
+@torch.no_grad()  # not inference_mode: a linear probe may train on these, and autograd refuses inference tensors
 def extract_features(model, loader, device, transform, chunk_size=256):
     """Run a frozen `model` over `loader` and return L2-normalised features in dataset order.
 
@@ -81,7 +81,8 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k=2
     """
     if train_features.shape[0] != train_labels.shape[0] or test_features.shape[0] != test_labels.shape[0]:
         raise ValueError(f"features and labels differ in length: train {tuple(train_features.shape)} vs "
-                         f"{tuple(train_labels.shape)}, test {tuple(test_features.shape)} vs {tuple(test_labels.shape)}")
+                         f"{tuple(train_labels.shape)}, test {tuple(test_features.shape)} vs "
+                         f"{tuple(test_labels.shape)}")
     if not 1 <= k <= train_features.shape[0]:
         raise ValueError(f"k={k} must be between 1 and the number of training features ({train_features.shape[0]})")
     if num_classes is None:
@@ -169,7 +170,7 @@ def main(argv=None):
         try:
             model = build_model(args.arch, num_classes=0)
         except ValueError as e:
-            raise SystemExit(str(e))
+            raise SystemExit(str(e)) from None
         if args.weights.lower() != "none":
             print(load_pretrained(model, args.weights))
         name = f"{args.arch} ({'random init' if args.weights.lower() == 'none' else args.weights})"
@@ -177,7 +178,7 @@ def main(argv=None):
     try:
         train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     print(f"k-NN: {describe(train_set)}; {describe(test_set)}; {name}; T={args.temperature}")
     t0 = time.time()
     results = knn_eval(model, train_set, test_set, args.device, ks=args.k, T=args.temperature,

@@ -1,6 +1,6 @@
 """Linear probe: train one linear layer on the features of a frozen backbone (DINO sec. 4.1, eval_linear.py).
 
-Features (DINO appendix / official code): ViT-S concatenates the CLS tokens of its last 4 blocks, each passed
+Features (the official eval_linear.py): ViT-S concatenates the CLS tokens of its last 4 blocks, each passed
 through the final norm (`--n_last_blocks 4`); ViT-B uses the last CLS token and the mean patch token
 (`--n_last_blocks 1 --avgpool_patchtokens`); a ResNet uses its pooled feature. Optimisation: SGD momentum 0.9,
 no weight decay, lr = 0.001 * batch / 256, cosine to 0 over the epochs, random-resized-crop + flip for training,
@@ -52,6 +52,12 @@ def feature_dim(model, n_last_blocks=4, avgpool_patchtokens=False):
     if hasattr(model, "get_intermediate_layers"):
         return model.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
     return model.num_features
+
+
+def dino_probe_recipe(model):
+    """DINO's probe features for a backbone -> (n_last_blocks, avgpool_patchtokens): (4, False) for ViT-Ti/S,
+    (1, True) for ViT-B and wider (official eval_linear.py); a ResNet ignores both."""
+    return (1, True) if getattr(model, "embed_dim", 0) >= 768 else (4, False)
 
 
 def image_batches(model, loader, device, transform, n_last_blocks=4, avgpool_patchtokens=False):
@@ -121,15 +127,16 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, default=None, help="crop size (default: the data set's own: 32 "
                         "digits/CIFAR, 64 shapes, 224 image folders); photos are resized to image_size * 256/224 "
                         "and centre-cropped for evaluation, as in DINO")
-    parser.add_argument("--n_last_blocks", type=int, default=4, help="concatenate the CLS tokens of the n last "
-                        "blocks: 4 for ViT-S, 1 for ViT-B (DINO)")
-    parser.add_argument("--avgpool_patchtokens", action="store_true", help="append the mean patch token of the "
-                        "last block: on for ViT-B, off for ViT-S (DINO)")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--n_last_blocks", type=int, default=None, help="concatenate the CLS tokens of the n last "
+                        "blocks; default as DINO: 4 for ViT-Ti/S, 1 for ViT-B and larger")
+    parser.add_argument("--avgpool_patchtokens", action=argparse.BooleanOptionalAction, default=None,
+                        help="append the mean patch token of the last block; default as DINO: on for ViT-B and "
+                        "larger, off for ViT-Ti/S")
+    parser.add_argument("--epochs", type=int, default=100, help="100 in DINO on ImageNet")
+    parser.add_argument("--batch_size", type=int, default=256, help="the lr scales with it (DINO: 8 GPUs x 128)")
     parser.add_argument("--lr", type=float, default=0.001, help="base lr for a batch of 256, scaled linearly; "
-                        "the official advice is to tune it per checkpoint, and small data sets with few epochs "
-                        "need a much larger one (e.g. 0.1 or more)")
+                        "the official advice is to tune it per checkpoint; small data sets trained for few epochs "
+                        "usually need a larger one")
     parser.add_argument("--no_aug", action="store_true", help="no augmentation: compute the frozen features once "
                         "and train on them, much faster (on a CPU, the only practical way)")
     parser.add_argument("--num_workers", type=int, default=4)
@@ -146,19 +153,27 @@ def main(argv=None):
     try:
         model = build_model(args.arch, num_classes=0)
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     if args.weights.lower() != "none":
         print(load_pretrained(model, args.weights))
     model.to(args.device).requires_grad_(False).eval()
     try:
         train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
+    n_last_blocks, avgpool_patchtokens = dino_probe_recipe(model)
+    if args.n_last_blocks is None:
+        args.n_last_blocks = n_last_blocks
+    if args.avgpool_patchtokens is None:
+        args.avgpool_patchtokens = avgpool_patchtokens
     dim = feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens)
     classifier = LinearClassifier(dim, train_set.num_classes).to(args.device)
     optimizer, scheduler = make_optimizer(classifier, args.epochs, args.batch_size, args.lr)
     print(f"linear probe: {describe(train_set)}; {describe(test_set)}; {args.arch} ({args.weights}); "
           f"{dim}-d features; lr {optimizer.param_groups[0]['lr']:.2e}")
+    if hasattr(model, "get_intermediate_layers"):
+        print(f"features: CLS tokens of the last {args.n_last_blocks} blocks"
+              + (" + the mean patch token" if args.avgpool_patchtokens else ""))
 
     generator = torch.Generator().manual_seed(args.seed)  # crops and the order of precomputed features
     eval_view = eval_transform(train_set, args.image_size)
