@@ -152,19 +152,17 @@ def test_torchvision_state_dict_loads_strictly_and_gives_the_same_outputs(name):
 
 @pytest.mark.parametrize("name", list(DEPTHS))
 def test_output_shapes_for_every_depth_both_stems_32_and_64_px(name):
+    """On the meta device: shapes are propagated without computing (ResNet-152 with the small stem at 64 px is
+    ~15 GFLOPs per image); real forwards of the same blocks are checked numerically above."""
     factory = DEPTHS[name][0]
-    torch.manual_seed(0)
-    for small_stem in (False, True):
-        model = factory(num_classes=7, small_stem=small_stem).eval()
-        for size in (32, 64):
-            x = torch.randn(1, 3, size, size)
-            with torch.no_grad():
-                feats = model.forward_features(x)
-                logits = model(x)
-            side = size // 8 if small_stem else size // 32  # the small stem keeps 4x more resolution per side
-            assert feats.shape == (1, model.num_features, side, side)
-            assert logits.shape == (1, 7)
-            assert torch.isfinite(logits).all()
+    with torch.device("meta"):
+        for small_stem in (False, True):
+            model = factory(num_classes=7, small_stem=small_stem).eval()
+            for size in (32, 64):
+                x = torch.empty(2, 3, size, size)
+                side = size // 8 if small_stem else size // 32  # the small stem keeps 4x more resolution per side
+                assert model.forward_features(x).shape == (2, model.num_features, side, side)
+                assert model(x).shape == (2, 7)
 
 
 def test_small_stem_layout():
