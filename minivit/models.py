@@ -37,8 +37,9 @@ ARCHS = {
     "resnet101": resnet.resnet101,
     "resnet152": resnet.resnet152,
 }
-# options each family takes besides num_classes; passing another family's option is an error, not ignored
-OPTIONS = {"vit": ("img_size", "drop_path_rate"), "resnet": ("small_stem", "zero_init_residual")}
+# options each family takes besides num_classes; passing another family's option is an error, not ignored.
+# patch_size overrides the arch's patch for small images (e.g. 16-px digits with patch 4: 16 tokens, not 1).
+OPTIONS = {"vit": ("img_size", "patch_size", "drop_path_rate"), "resnet": ("small_stem", "zero_init_residual")}
 
 # how load_pretrained maps file names onto model names
 PREFIXES = ("module.", "_orig_mod.", "backbone.")  # added by DDP, torch.compile and DINO's MultiCropWrapper
@@ -56,7 +57,7 @@ def arch_family(arch: str) -> str:
 
 def build_model(arch: str, num_classes: int = 0, **kwargs) -> torch.nn.Module:
     """A freshly initialised model. num_classes=0 gives a backbone whose forward returns (B, model.num_features)
-    features; kwargs: img_size, drop_path_rate for ViTs; small_stem, zero_init_residual for ResNets."""
+    features; kwargs: img_size, patch_size, drop_path_rate for ViTs; small_stem, zero_init_residual for ResNets."""
     family = arch_family(arch)
     wrong = sorted(set(kwargs) - set(OPTIONS[family]))
     if wrong:
