@@ -111,6 +111,8 @@ def main(argv=None):
                         "sharpest maps (the paper's figures use ViT-S/8)")
     parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = "
                         "random init (maps are then noise, useful only as a contrast)")
+    parser.add_argument("--patch_size", type=int, default=None, help="the patch if the ViT was trained with another "
+                        "than its name's (small images)")
     parser.add_argument("--image", nargs="+", required=True, help="one or more image files, any resolution")
     parser.add_argument("--image_size", type=int, default=480, help="shorter side after resizing; the position "
                         "embeddings are interpolated, so any size that is a multiple of the patch works")
@@ -120,16 +122,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from minivit.augment import normalize
-    from minivit.models import build_model, load_pretrained
+    from minivit.knn import load_backbone
 
-    try:
-        model = build_model(args.arch, num_classes=0)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    if not hasattr(model, "get_last_selfattention"):
+    if not args.arch.startswith("vit_"):
         raise SystemExit(f"--arch {args.arch} has no self-attention: pick a ViT (vit_s8, vit_s16, vit_b8, ...)")
-    if args.weights.lower() != "none":
-        load_pretrained(model, args.weights)
+    model = load_backbone(args.arch, args.weights, args.patch_size)
     model.to(args.device).requires_grad_(False).eval()
     os.makedirs(args.output_dir, exist_ok=True)
     written = []

@@ -136,6 +136,22 @@ def knn_eval(model, train_set, test_set, device, ks=(10, 20, 100, 200), T=0.07, 
             for k in ks if k <= train_f.shape[0]}
 
 
+def load_backbone(arch, weights="none", patch_size=None, small_stem=False):
+    """models.build_model(arch, num_classes=0) built as the checkpoint was trained (patch_size overrides a ViT's
+    patch, small_stem a ResNet's stem), then `weights` loaded: our checkpoint or an official file; "none" keeps the
+    random init. Shared by the evaluation command lines; a bad name or a mismatching file -> SystemExit."""
+    from minivit.models import build_model, load_pretrained
+
+    options = {k: v for k, v in (("patch_size", patch_size), ("small_stem", small_stem)) if v}
+    try:
+        model = build_model(arch, num_classes=0, **options)
+        if str(weights).lower() != "none":
+            print(load_pretrained(model, weights))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    return model
+
+
 def format_table(results):
     """{k: (top1, top5)} -> a small text table."""
     lines = ["    k   top-1   top-5"]
@@ -149,6 +165,9 @@ def main(argv=None):
     parser.add_argument("--arch", default="vit_s16", help="architecture name from minivit.models.ARCHS")
     parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = "
                         "random init, the baseline that training must beat")
+    parser.add_argument("--patch_size", type=int, default=None, help="a ViT's patch if it was trained with another "
+                        "than its name's (small images)")
+    parser.add_argument("--small_stem", action="store_true", help="a ResNet trained with the small-image stem")
     parser.add_argument("--raw_pixels", action="store_true", help="baseline: normalised pixels as features, no model")
     parser.add_argument("--data", default="shapes", help="'shapes', 'digits', an ImageNet-style or CIFAR folder")
     parser.add_argument("--image_size", type=int, default=None, help="evaluation size (default: the data set's "
@@ -162,17 +181,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from minivit.data import build_dataset, describe
-    from minivit.models import build_model, load_pretrained
 
     if args.raw_pixels:
         model, name = nn.Flatten(), "raw pixels"
     else:
-        try:
-            model = build_model(args.arch, num_classes=0)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        if args.weights.lower() != "none":
-            print(load_pretrained(model, args.weights))
+        model = load_backbone(args.arch, args.weights, args.patch_size, args.small_stem)
         name = f"{args.arch} ({'random init' if args.weights.lower() == 'none' else args.weights})"
     model.to(args.device).requires_grad_(False)
     try:

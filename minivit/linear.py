@@ -123,6 +123,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Linear probe on a frozen backbone (DINO sec. 4.1)")
     parser.add_argument("--arch", default="vit_s16", help="architecture name from minivit.models.ARCHS")
     parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = random")
+    parser.add_argument("--patch_size", type=int, default=None, help="a ViT's patch if it was trained with another "
+                        "than its name's (small images)")
+    parser.add_argument("--small_stem", action="store_true", help="a ResNet trained with the small-image stem")
     parser.add_argument("--data", default="shapes", help="'shapes', 'digits', an ImageNet-style or CIFAR folder")
     parser.add_argument("--image_size", type=int, default=None, help="crop size (default: the data set's own: 32 "
                         "digits/CIFAR, 64 shapes, 224 image folders); photos are resized to image_size * 256/224 "
@@ -146,16 +149,10 @@ def main(argv=None):
 
     from minivit.augment import SupervisedAugment
     from minivit.data import build_dataset, build_loader, describe
-    from minivit.knn import eval_transform
-    from minivit.models import build_model, load_pretrained
+    from minivit.knn import eval_transform, load_backbone
 
     torch.manual_seed(args.seed)
-    try:
-        model = build_model(args.arch, num_classes=0)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    if args.weights.lower() != "none":
-        print(load_pretrained(model, args.weights))
+    model = load_backbone(args.arch, args.weights, args.patch_size, args.small_stem)
     model.to(args.device).requires_grad_(False).eval()
     try:
         train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")

@@ -8,7 +8,7 @@ from torch import nn
 
 from minivit.attention_maps import (cls_attention_maps, load_image, mass_threshold_masks, save_attention_figure,
                                     upsample)
-from minivit.knn import extract_features, knn_classifier
+from minivit.knn import extract_features, knn_classifier, load_backbone
 from minivit.linear import (LinearClassifier, dino_probe_recipe, evaluate, feature_dim, image_batches, make_optimizer,
                             probe_features, tensor_batches, train_one_epoch)
 
@@ -299,12 +299,17 @@ def test_attention_maps_cli_any_image_size(tmp_path):
     from minivit.models import build_model
 
     torch.manual_seed(0)
-    torch.save(build_model("vit_ti16").state_dict(), tmp_path / "vit_ti16.pth")
+    torch.save(build_model("vit_ti16", patch_size=8).state_dict(), tmp_path / "vit_ti8.pth")   # a small-image run
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "x.png")
-    out = run_module("minivit.attention_maps", "--arch", "vit_ti16", "--weights", tmp_path / "vit_ti16.pth",
-                     "--image", tmp_path / "x.png", "--image_size", "40", "--output_dir", tmp_path / "maps")
+    out = run_module("minivit.attention_maps", "--arch", "vit_ti16", "--patch_size", "8", "--weights",
+                     tmp_path / "vit_ti8.pth", "--image", tmp_path / "x.png", "--image_size", "40",
+                     "--output_dir", tmp_path / "maps")
     path = out.strip().splitlines()[-1]
     with Image.open(path) as im:
         assert im.format == "PNG" and im.width > im.height
     # 50x70 -> shorter side 40: 40x56 -> centre crop to multiples of 16: 32x48
     assert load_image(tmp_path / "x.png", 40, 16).shape == (3, 32, 48)
+    with pytest.raises(SystemExit, match="patch_size"):        # a ResNet has no patches
+        load_backbone("resnet18", patch_size=8)
+    with pytest.raises(SystemExit, match="missing|shape"):     # patch 8 weights into a patch 16 model
+        load_backbone("vit_ti16", tmp_path / "vit_ti8.pth")
