@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.attention import attention
-from kernels.patch_embed import patch_embed
+from kernels.patch_embed import patch_embed, patch_embed_tokens
 
 LN_EPS = 1e-6  # LayerNorm epsilon of the official ViT/DINO code (PyTorch's default is 1e-5)
 
@@ -102,7 +102,7 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, Dh)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, H, N, Dh)
-        return qkv[0], qkv[1], qkv[2]
+        return qkv.unbind(0)  # one backward copy for the three views; qkv[0], qkv[1], qkv[2] would zero-fill three
 
     def forward(self, x):
         """x (B, N, D) -> (B, N, D). The fused kernel never builds the (N, N) attention matrix."""
@@ -209,13 +209,14 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, x):
         """Images (B, C, H, W) -> z_0 (B, 1 + N, D): patch tokens, CLS token prepended, positions added (eq. 1)."""
-        B, C, H, W = x.shape
+        H, W = x.shape[-2:]
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"image size {H}x{W} is not a multiple of patch_size={self.patch_size}: "
                              "resize or crop the input")
-        x = self.patch_embed(x)  # (B, N, D)
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1 + N, D)
-        return x + self.interpolate_pos_encoding(H, W)
+        # One kernel does it all: the patch GEMM, then CLS row and positions added in its epilogue, written once.
+        # Plain PyTorch: cat((cls_token, patch_embed(x)), 1) + pos_embed, which reads and writes the tokens twice more.
+        proj = self.patch_embed.proj
+        return patch_embed_tokens(x, proj.weight, proj.bias, self.cls_token, self.interpolate_pos_encoding(H, W))
 
     def forward(self, x):
         """x (B, C, H, W) float -> logits (B, num_classes), or the final-norm CLS feature (B, D) when
