@@ -77,10 +77,10 @@ class ShapesDataset(Dataset):
 
     Image i of a split is drawn from a numpy Generator seeded with (seed, split, i), so it is the same in every
     process and never stored: drawing one 64 px image takes ~1 ms of CPU, so each loader worker makes ~1000 images
-    a second (use a few workers on a GPU). Labels
-    cycle through the classes (i % 10), so every split is exactly balanced. 5000 train / 1000 test images: enough
-    for a small ViT to learn the shapes in minutes on a CPU, and a test accuracy resolved to 0.1%.
-    Raw pixels are no use here: 1-nearest-neighbour on pixels scores ~12% (chance 10%; tests/test_data.py).
+    a second (use a few workers on a GPU). Labels cycle through the classes (i % 10), so every split is exactly
+    balanced. 5000 train / 1000 test images: small enough for CPU runs, with a test accuracy resolved to 0.1%.
+    Raw pixels are no use here: 1-nearest-neighbour on pixels scores 15.4% and a linear classifier 8.4% (chance
+    10%), while a 4-layer CNN (Adam, flips, constant lr) scores 56-71% over its epochs 10-15: learnable, not easy.
     `mask(i)` gives the object's ground-truth pixels (S, S) bool, for attention-map segmentation (Jaccard).
     """
     SIZES = {"train": 5000, "test": 1000}
