@@ -100,14 +100,16 @@ def parse_weights(specs):
 
 def build_backbones(arch, weights, device, **vit_options):
     """One frozen backbone per (label, path) of parse_weights, built with build_model(arch, num_classes=0,
-    **vit_options) and loaded with load_pretrained (random init when path is None). -> {label: model in eval}."""
-    from minivit.models import build_model, load_pretrained
+    **vit_options) and loaded with load_pretrained (random init when path is None). vit_options (img_size,
+    patch_size) that are None, or given for a ResNet, are left out. -> {label: model in eval mode on device}."""
+    from minivit.models import arch_family, build_model, load_pretrained
 
     models = {}
     for label, path in weights:
         try:
+            options = {k: v for k, v in vit_options.items() if v is not None and arch_family(arch) == "vit"}
             torch.manual_seed(0)  # the random-init baseline is the same model every run
-            model = build_model(arch, num_classes=0, **{k: v for k, v in vit_options.items() if v is not None})
+            model = build_model(arch, num_classes=0, **options)
             note = "random init" if path is None else str(load_pretrained(model, path))
         except ValueError as e:
             raise SystemExit(f"--weights {label}: {e}") from None
