@@ -1,0 +1,206 @@
+"""What train_vit.py and train_resnet.py share, written once: the step loop of one epoch, the evaluation, batched
+mixup / cutmix, the subset behind --train_fraction, and the one-line errors of the command line.
+
+The scripts keep the recipe (model, optimizer, schedules) and the epoch loop in plain sight; this file holds only
+what would otherwise be copied between them, so `diff train_vit.py train_resnet.py` shows the model and the recipe.
+"""
+import contextlib
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from minivit import training
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class Subset(Dataset):
+    """The images `indices` of `dataset`, keeping what the scripts read from a dataset: .classes, .num_classes,
+    .targets, .load_size, .source, .split (e.g. "train[10%]")."""
+
+    def __init__(self, dataset, indices, split):
+        self.dataset, self.indices = dataset, list(indices)
+        self.classes, self.num_classes, self.load_size = dataset.classes, dataset.num_classes, dataset.load_size
+        self.source, self.split = dataset.source, split
+        self.targets = [dataset.targets[i] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+def subset(dataset, fraction: float, seed: int = 0):
+    """A deterministic, class-balanced fraction of `dataset`: round(fraction * n_c) images (at least 1) of each
+    class c, drawn from `seed` alone, so every run and every process picks the same images. fraction 1 -> the
+    dataset itself. Used by --train_fraction to compare ViT and ResNet as the training set shrinks (the ViT paper's
+    point: ViTs need more data, sec. 4.3)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train_fraction={fraction} must be in (0, 1]; 1 keeps the whole training set")
+    if fraction == 1.0:
+        return dataset
+    targets = torch.as_tensor(dataset.targets)
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(dataset.num_classes):
+        members = (targets == c).nonzero().flatten()
+        if len(members):
+            chosen = members[torch.randperm(len(members), generator=generator)]
+            keep.append(chosen[:max(1, round(fraction * len(members)))])
+    indices = torch.cat(keep).sort().values.tolist()  # file order, not class order: the loader shuffles anyway
+    return Subset(dataset, indices, f"{dataset.split}[{fraction:.0%}]")
+
+
+# ------------------------------------------------------------------------------------------------ mixup / cutmix
+
+
+def _beta(alpha: float, generator: torch.Generator | None) -> float:
+    """One draw of Beta(alpha, alpha), made reproducible by `generator` (torch's Beta sampler takes none)."""
+    seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def _mixed_targets(labels, num_classes, lam):
+    """lam * one_hot(labels) + (1 - lam) * one_hot(labels of the batch reversed) -> float (B, num_classes)."""
+    one_hot = F.one_hot(labels, num_classes).float()
+    return lam * one_hot + (1 - lam) * one_hot.flip(0)
+
+
+def mixup(images, labels, num_classes: int, alpha: float = 0.8, generator=None):
+    """mixup (Zhang et al. 2018): each image blended with its partner in the reversed batch, lam ~ Beta(alpha,
+    alpha) once per batch (as timm does for DeiT, alpha 0.8).
+    images float (B, 3, H, W), labels int64 (B,) -> mixed images (B, 3, H, W), soft targets float (B, num_classes)
+    whose rows sum to 1."""
+    lam = _beta(alpha, generator)
+    return lam * images + (1 - lam) * images.flip(0), _mixed_targets(labels, num_classes, lam)
+
+
+def cutmix(images, labels, num_classes: int, alpha: float = 1.0, generator=None):
+    """CutMix (Yun et al. 2019): a box of about (1 - lam) of the area, lam ~ Beta(alpha, alpha), is pasted from the
+    reversed batch (one box per batch, DeiT's alpha 1.0); lam is then corrected to the box's true area after
+    clipping at the border, so the soft targets weigh each label by its share of the pixels.
+    images float (B, 3, H, W), labels int64 (B,) -> (B, 3, H, W), soft targets float (B, num_classes)."""
+    B, _, H, W = images.shape
+    lam = _beta(alpha, generator)
+    cut_h, cut_w = int(H * (1 - lam) ** 0.5), int(W * (1 - lam) ** 0.5)
+    cy, cx = (int(v) for v in torch.randint(0, 2 ** 31, (2,), generator=generator) % torch.tensor([H, W]))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+    images = images.clone()
+    images[:, :, top:bottom, left:right] = images.flip(0)[:, :, top:bottom, left:right]
+    lam = 1 - (bottom - top) * (right - left) / (H * W)
+    return images, _mixed_targets(labels, num_classes, lam)
+
+
+def mix_batch(images, labels, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+              generator=None):
+    """DeiT's choice per batch: mixup or cutmix with probability 1/2 each when both alphas are > 0, the one that is
+    > 0 otherwise; with both 0 the batch is returned unchanged with hard labels.
+    -> images (B, 3, H, W), targets: int64 (B,) labels or float (B, num_classes) soft targets (F.cross_entropy
+    takes both, and applies label_smoothing to both)."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return images, labels
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or bool(torch.rand(1, generator=generator) < 0.5))
+    if use_cutmix:
+        return cutmix(images, labels, num_classes, cutmix_alpha, generator)
+    return mixup(images, labels, num_classes, mixup_alpha, generator)
+
+
+# ------------------------------------------------------------------------------------------------ train / eval
+
+
+def train_one_epoch(model, loader, optimizer, scaler, augment, generator, lr_schedule, wd_schedule, epoch: int,
+                    steps: int, *, device, precision: str, num_classes: int, label_smoothing: float = 0.0,
+                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, clip_grad: float = 0.0, progress=None,
+                    checkpoint_path="checkpoint.pt", memory_format=torch.contiguous_format) -> dict:
+    """One epoch of supervised training: `steps` batches of `loader` (fewer than len(loader) for smoke runs).
+
+    Per step: uint8 batch -> device -> augment(images, generator) (the training views, made on the device with
+    the CPU `generator` drawing the random choices) -> optional mixup/cutmix -> this iteration's lr and weight decay
+    (lr_schedule / wd_schedule arrays indexed by epoch * steps + it) -> forward and loss under autocast ->
+    NaN guard (training.check_finite stops every process) -> backward, optional clipping of the global grad norm,
+    step, through the GradScaler (a no-op unless fp16) -> progress line.
+    Returns {"loss": mean train loss, "images": images seen by all processes, "seconds", "images_per_s"}.
+    """
+    model.train()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    losses, images_seen, start = [], 0, time.perf_counter()
+    for it, (images, labels) in enumerate(loader):
+        if it >= steps:
+            break
+        step = epoch * steps + it
+        lr = float(lr_schedule[step])  # a python float: numpy scalars would not load back from a checkpoint
+        training.set_schedules(optimizer, lr, float(wd_schedule[step]))
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        x = augment(images, generator).contiguous(memory_format=memory_format)
+        x, targets = mix_batch(x, labels, num_classes, mixup_alpha, cutmix_alpha, generator)
+
+        with training.autocast_context(device, precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+        loss_value = training.check_finite(loss, epoch, it, checkpoint_path)
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+
+        losses.append(loss_value)
+        images_seen += len(images) * world_size
+        if progress is not None:
+            progress.step(epoch, it, loss_value, lr, len(images) * world_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # count the queued GPU work in the epoch's time
+    seconds = time.perf_counter() - start
+    return {"loss": float(np.mean(losses)) if losses else float("nan"), "images": images_seen,
+            "seconds": seconds, "images_per_s": images_seen / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, transform, device, precision: str, memory_format=torch.contiguous_format) -> dict:
+    """Accuracy of `model` on `loader`: transform(uint8 batch) (e.g. augment.EvalTransform) -> logits under autocast.
+    Returns {"top1", "top5" (in %, top-k with k = min(5, classes)), "loss" (mean cross-entropy), "images"}, summed
+    over all processes when a process group is up (each process evaluating its own share of the test set; the
+    DistributedSampler repeats up to world_size - 1 images so that all shares are equal)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, device=device)  # correct@1, correct@5, summed loss, images
+    for images, labels in loader:
+        if len(images) == 0:  # every file of the batch was unreadable (data.ImageFolderDataset skips them)
+            continue
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with training.autocast_context(device, precision):
+            logits = model(transform(images).contiguous(memory_format=memory_format)).float()  # (B, classes)
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]  # (B, k), best guess first
+        sums[0] += hits[:, 0].sum()
+        sums[1] += hits.any(1).sum()
+        sums[2] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[3] += len(labels)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train(was_training)
+    n = max(sums[3].item(), 1)
+    return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n, "loss": sums[2].item() / n,
+            "images": int(sums[3].item())}
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """Turn the ValueError / FileNotFoundError that minivit raises for bad input (an unknown --arch, a missing
+    folder, a checkpoint of another model) into a one-line `error: ...` exit, without a traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
