@@ -1,14 +1,405 @@
-"""Fused (flash) attention. PLACEHOLDER: the Triton kernels are being written (issue 2); the reference runs."""
+"""Fused multi-head attention (FlashAttention-2, Dao 2023), forward and backward, in Triton.
+
+The math, per (batch, head), with q, k, v of shape (N, D) and scale = D ** -0.5:
+
+    S = scale * q k^T          (N, N)  scores
+    P = softmax(S, dim=-1)     (N, N)  attention weights, rows sum to 1
+    O = P v                    (N, D)
+
+Backward, given dO = dLoss/dO:
+
+    dV = P^T dO                dP = dO v^T
+    dS = P * (dP - delta)      delta_i = sum_j P_ij dP_ij = sum_d dO_id O_id   (the softmax Jacobian)
+    dQ = scale * dS k          dK = scale * dS^T q
+
+Memory traffic. The plain version writes S, reads it for the softmax, writes P, reads it for P v: about 4 N^2
+elements per head, and keeps P alive for the backward. ViT-S/8 at 224 px (N = 785, D = 64) moves 4 * 785^2 =
+2.5M elements per head that way, against 4 N D = 0.2M for reading q, k, v and writing O: 12x more, and a batch of
+64 images stores 64 * 6 heads * 785^2 * 2 bytes = 0.47 GB of P per block. The fused kernel keeps a (BLOCK_M, D)
+block of queries on chip and streams k, v past it; the softmax is computed online (Milakov & Gimelshein 2018):
+
+    m_new = max(m, rowmax(S_blk));   l = l * exp(m - m_new) + rowsum(exp(S_blk - m_new))
+    acc   = acc * exp(m - m_new) + exp(S_blk - m_new) v_blk;   at the end  O = acc / l
+
+so HBM sees q, k, v, O once each (k, v are re-read once per query block, mostly from L2). It saves only the
+log-sum-exp L = m + log(l) per row (N floats), from which the backward recomputes P = exp(S - L) block by block:
+no (N, N) buffer in either direction. Softmax runs in base 2: log2(e) is folded into the scale, so each
+exponential is one exp2 instruction (exp(x) = exp2(x * log2(e))).
+
+The backward is three kernels, deterministic (no atomics: every output element has exactly one writer):
+delta = rowsum(dO * O); one program per block of keys accumulates dK, dV over all queries; one program per
+block of queries accumulates dQ over all keys. S and P are recomputed in both; that is cheaper than storing them.
+
+Precision: every sum accumulates in fp32. fp32 inputs get exact fp32 dots (not tf32), on CUDA cores: for speed
+run the model in bf16 autocast. With fp16/bf16 inputs the tensor cores take P and dS rounded to that dtype, and
+delta reads O after its rounding, as in FlashAttention-2 itself; with very few tokens or a very sharp softmax
+this leaves dQ and dK a few units in the last place less accurate than the plain math (tests/test_attention.py).
+"""
 import torch
 
+from kernels import interpreter_on, tl, triton, use_triton
 
-def attention_reference(q, k, v, scale=None):
-    """softmax(q k^T * scale) v in plain PyTorch. q, k, v: (B, H, N, D) -> (B, H, N, D), dtype of q."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, N, N)
-    return (s.softmax(dim=-1) @ v.float()).to(q.dtype)
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+_LOG2E = tl.constexpr(LOG2E)  # the same, as a compile-time constant the kernels can read
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels. Tensors are (B, H, N, D); q, k, v, dO come with any strides (e.g. views of one qkv GEMM output), the
+# buffers we allocate (O, LSE, delta, dQ, dK, dV) are contiguous. Grid axis 0 is B * H because it may grow past
+# 65535 (axes 1 and 2 may not); axis 1 is the block index along N.
+
+@triton.jit
+def _dot(a, b, F32_DOT: tl.constexpr):
+    """a @ b with fp32 accumulation. "ieee" keeps fp32 inputs exact: the default tf32 would round them to 10
+    mantissa bits (~1e-3 error); for fp16/bf16 inputs the setting changes nothing. F32_DOT upcasts the operands
+    first: Triton's CPU interpreter multiplies bf16 as raw uint16 bits (wrong results), while after rounding to
+    bf16 an fp32 product of two bf16 numbers is exact, so the upcast reproduces the GPU's numerics."""
+    if F32_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, H, N, D) inputs, fp32/fp16/bf16, any strides
+    O,  # (B, H, N, D) output, contiguous, dtype of Q
+    LSE,  # (B, H, N) fp32 output: L_i = log sum_j exp(S_ij), natural log, for the backward
+    stride_qb, stride_qh, stride_qn, stride_qd,  # element strides of Q
+    stride_kb, stride_kh, stride_kn, stride_kd,  # ... of K
+    stride_vb, stride_vh, stride_vn, stride_vd,  # ... of V
+    H, N, D,  # heads, tokens, head dim (D <= BLOCK_D: the padding columns are masked)
+    qk_scale,  # scale * log2(e): scores come out in base 2
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    BLOCK_D: tl.constexpr,  # head dim padded to a power of two >= 16 (tl.dot's smallest tile)
+    F32_DOT: tl.constexpr,  # upcast dot operands (the interpreter's bf16), see _dot
+):
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)  # int64: b * stride_qb overflows int32 at big B
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    O += pid_bh.to(tl.int64) * N * D
+    LSE += pid_bh.to(tl.int64) * N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's query rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_q = (offs_m[:, None] < N) & mask_d[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_q, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of the base-2 scores
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running (unnormalised) output
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        mask_kv = (cols[:, None] < N) & mask_d[None, :]
+        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_kv, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_kv, other=0.0)
+        s = _dot(q, tl.trans(k), F32_DOT) * qk_scale  # (BLOCK_M, BLOCK_N)
+        # a zero-filled key still scores 0 and would take a share of the softmax: remove it with -inf
+        s = tl.where(cols[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is in the first block, since N >= 1
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max (0 on the first step)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, F32_DOT)  # P rounded to the input dtype, as FA2
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(O + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty), mask=mask_q)
+    tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) / _LOG2E, mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O,  # (B, H, N, D) forward output, contiguous
+    DO,  # (B, H, N, D) gradient of the loss w.r.t. O, any strides
+    DELTA,  # (B, H, N) fp32 output: delta_i = sum_d dO_id * O_id
+    stride_dob, stride_doh, stride_don, stride_dod,  # element strides of DO
+    H, N, D,  # heads, tokens, head dim
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_D: tl.constexpr,  # padded head dim
+):
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    o = tl.load(O + pid_bh.to(tl.int64) * N * D + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    DO += b * stride_dob + h * stride_doh
+    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,  # (B, H, N, D) inputs, any strides
+    LSE, DELTA,  # (B, H, N) fp32, from the forward and from _attn_bwd_delta_kernel
+    DK, DV,  # (B, H, N, D) outputs, contiguous, dtype of Q
+    stride_qb, stride_qh, stride_qn, stride_qd,  # element strides of Q
+    stride_kb, stride_kh, stride_kn, stride_kd,  # ... of K
+    stride_vb, stride_vh, stride_vn, stride_vd,  # ... of V
+    stride_dob, stride_doh, stride_don, stride_dod,  # ... of DO
+    H, N, D,  # heads, tokens, head dim
+    qk_scale,  # scale * log2(e), as in the forward
+    scale,  # the softmax scale itself: dK = scale * dS^T q
+    BLOCK_M: tl.constexpr,  # queries per loop step
+    BLOCK_N: tl.constexpr,  # keys per program (their dK, dV stay in registers)
+    BLOCK_D: tl.constexpr,  # padded head dim
+    F32_DOT: tl.constexpr,  # see _dot
+):
+    pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    LSE += pid_bh.to(tl.int64) * N
+    DELTA += pid_bh.to(tl.int64) * N
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_kv = (offs_n[:, None] < N) & mask_d[None, :]
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_kv, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_kv, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m
+        mask_q = (rows[:, None] < N) & mask_d[None, :]
+        q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_q, other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_q, other=0.0)
+        lse = tl.load(LSE + rows, mask=rows < N, other=0.0)
+        delta = tl.load(DELTA + rows, mask=rows < N, other=0.0)
+        # work with transposes, (keys, queries), so that the reductions below run over queries
+        sT = _dot(k, tl.trans(q), F32_DOT) * qk_scale
+        pT = tl.exp2(sT - lse[None, :] * _LOG2E)  # P^T recomputed from the saved log-sum-exp
+        pT = tl.where(rows[None, :] < N, pT, 0.0)  # padding queries contribute nothing
+        dv += _dot(pT.to(do.dtype), do, F32_DOT)  # dV = P^T dO
+        dpT = _dot(v, tl.trans(do), F32_DOT)  # dP^T = v dO^T
+        dsT = pT * (dpT - delta[None, :])  # dS^T
+        dk += _dot(dsT.to(q.dtype), q, F32_DOT)  # dK = dS^T q (times scale below)
+
+    out = pid_bh.to(tl.int64) * N * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mask_kv)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_kv)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,  # (B, H, N, D) inputs, any strides
+    LSE, DELTA,  # (B, H, N) fp32
+    DQ,  # (B, H, N, D) output, contiguous, dtype of Q
+    stride_qb, stride_qh, stride_qn, stride_qd,  # element strides of Q
+    stride_kb, stride_kh, stride_kn, stride_kd,  # ... of K
+    stride_vb, stride_vh, stride_vn, stride_vd,  # ... of V
+    stride_dob, stride_doh, stride_don, stride_dod,  # ... of DO
+    H, N, D,  # heads, tokens, head dim
+    qk_scale,  # scale * log2(e)
+    scale,  # dQ = scale * dS k
+    BLOCK_M: tl.constexpr,  # queries per program (their dQ stays in registers)
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    BLOCK_D: tl.constexpr,  # padded head dim
+    F32_DOT: tl.constexpr,  # see _dot
+):
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    DO += b * stride_dob + h * stride_doh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's queries
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_q = (offs_m[:, None] < N) & mask_d[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_q, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_q, other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        mask_kv = (cols[:, None] < N) & mask_d[None, :]
+        k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=mask_kv, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=mask_kv, other=0.0)
+        s = _dot(q, tl.trans(k), F32_DOT) * qk_scale
+        p = tl.exp2(s - lse[:, None] * _LOG2E)
+        p = tl.where(cols[None, :] < N, p, 0.0)  # padding keys: P = 0 (a zero-filled k would give exp(-L))
+        dp = _dot(do, tl.trans(v), F32_DOT)  # dP = dO v^T
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, F32_DOT)  # dQ = dS k (times scale below)
+
+    out = pid_bh.to(tl.int64) * N * D + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=mask_q)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers: check, allocate, pick the tiles, launch.
+
+MAX_HEAD_DIM = 128  # the forward keeps a (BLOCK_M, D) fp32 accumulator per program: beyond 128 it spills
+
+
+def _check_inputs(q, k, v):
+    """Raise ValueError unless q, k, v are one (B, H, N, D) shape, dtype and device, floating, 1 <= D <= 128."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            raise ValueError(f"attention: {name} must be a 4-d tensor (B, H, N, D), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"attention: q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} differ: "
+                         "self-attention needs one (B, H, N, D) for all three")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention: q, k, v dtypes {q.dtype}, {k.dtype}, {v.dtype} differ: cast them to one")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"attention: dtype {q.dtype} is not supported: use float32, float16 or bfloat16")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"attention: q, k, v are on {q.device}, {k.device}, {v.device}: move them to one device")
+    if q.numel() == 0:
+        raise ValueError(f"attention: empty input of shape {tuple(q.shape)}: B, H, N and D must all be >= 1")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim D={q.shape[-1]} > {MAX_HEAD_DIM} is not supported: use more heads")
+
+
+def _tiles(D, dtype):
+    """BLOCK_D, then (BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, dK/dV and dQ kernels. Compiled
+    with ptxas for sm_80 and sm_90: no register spills, at most 72 KB of shared memory (consumer GPUs have 99)."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16; D=80 (ViT-H) runs as 128, masked
+    if dtype == torch.float32:
+        # exact fp32 dots run on CUDA cores (FMA), operands in registers: with the fp16 tiles they spill
+        return BLOCK_D, (64, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2)
+    big = BLOCK_D > 64
+    warps = 8 if big else 4  # 8 warps share the (BLOCK, 128) fp32 accumulators of D=80 and 128
+    # forward: 128 queries share each k, v tile (half the K/V re-reads of 64); at D=128 that many rows spill
+    fwd = (64 if big else 128, 64, warps, 2 if big else 3)
+    # backward: a program keeps two (BLOCK, D) operand tiles and two fp32 accumulators for its whole loop, next
+    # to the recomputed (BLOCK_M, BLOCK_N) P and dS: at D=128 the streamed side shrinks to 32 rows
+    dkdv = (32 if big else 64, 64, warps, 2)
+    dq = (64, 32 if big else 64, warps, 2)
+    return BLOCK_D, fwd, dkdv, dq
+
+
+def _buffer(out, shape, dtype, like):
+    """A contiguous output: the caller's (checked; the tests pre-fill them with NaN) or a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"attention: output buffer {tuple(out.shape)} {out.dtype} must be contiguous {shape} {dtype}")
+    return out
+
+
+def _f32_dot(q):
+    """Upcast dot operands in the kernels? Only for bf16 in Triton's CPU interpreter (see _dot)."""
+    return q.dtype == torch.bfloat16 and interpreter_on()
+
+
+def _attn_forward(q, k, v, scale, o=None, lse=None):
+    """q, k, v (B, H, N, D), any strides -> o (B, H, N, D) in q's dtype, lse (B, H, N) fp32 (natural log)."""
+    B, H, N, D = q.shape
+    o = _buffer(o, (B, H, N, D), q.dtype, q)
+    lse = _buffer(lse, (B, H, N), torch.float32, q)
+    BLOCK_D, (BLOCK_M, BLOCK_N, warps, stages), _, _ = _tiles(D, q.dtype)
+    grid = (B * H, triton.cdiv(N, BLOCK_M))
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), H, N, D, scale * LOG2E,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, F32_DOT=_f32_dot(q), num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+def _attn_backward(q, k, v, o, lse, do, scale, dq=None, dk=None, dv=None, delta=None):
+    """Gradients of o = attention(q, k, v) for upstream do (B, H, N, D): dq, dk, dv (B, H, N, D), q's dtype."""
+    B, H, N, D = q.shape
+    do = do.to(q.dtype)  # a no-op unless something upstream changed the dtype
+    dq, dk, dv = (_buffer(t, (B, H, N, D), q.dtype, q) for t in (dq, dk, dv))
+    delta = _buffer(delta, (B, H, N), torch.float32, q)
+    BLOCK_D, _, (M1, N1, warps1, stages1), (M2, N2, warps2, stages2) = _tiles(D, q.dtype)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    _attn_bwd_delta_kernel[(B * H, triton.cdiv(N, 64))](  # one read of O and dO: any tile does, 64 rows
+        o, do, delta, *do.stride(), H, N, D, BLOCK_M=64, BLOCK_D=BLOCK_D)
+    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(N, N1))](
+        q, k, v, do, lse, delta, dk, dv, *strides, H, N, D, scale * LOG2E, scale,
+        BLOCK_M=M1, BLOCK_N=N1, BLOCK_D=BLOCK_D, F32_DOT=_f32_dot(q), num_warps=warps1, num_stages=stages1)
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(N, M2))](
+        q, k, v, do, lse, delta, dq, *strides, H, N, D, scale * LOG2E, scale,
+        BLOCK_M=M2, BLOCK_N=N2, BLOCK_D=BLOCK_D, F32_DOT=_f32_dot(q), num_warps=warps2, num_stages=stages2)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Saves q, k, v, O and the log-sum-exp (N floats per row), never P."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = _attn_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _attn_backward(q, k, v, o, lse, do, ctx.scale)
+        return dq, dk, dv, None
 
 
 def attention(q, k, v, scale=None):
-    """Non-causal multi-head attention. q, k, v: (B, H, N, D) -> (B, H, N, D)."""
-    return attention_reference(q, k, v, scale)
+    """softmax(scale * q k^T) v, non-causal, differentiable.
+
+    q, k, v: (B, H, N, D), float32, float16 or bfloat16, one shape, dtype and device, any strides (e.g. the
+    views of a single qkv projection), any N >= 1, D <= 128. scale: a float, default D ** -0.5.
+    Returns (B, H, N, D) in the input dtype; accumulation is in fp32. Runs the Triton kernels where
+    kernels.use_triton(q) says so (CUDA, or the interpreter on CPU), otherwise attention_reference.
+    """
+    _check_inputs(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not use_triton(q):
+        return attention_reference(q, k, v, scale)
+    return _FlashAttention.apply(q, k, v, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plain PyTorch version: the ground truth for the tests, and the path on machines without Triton.
+
+def attention_reference(q, k, v, scale=None):
+    """softmax(scale * q k^T) v with the (B, H, N, N) scores materialised. q, k, v: (B, H, N, D) -> (B, H, N, D)
+    in q's dtype, computed in float32 (float64 for float64 inputs, which the tests use as the exact answer)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * scale  # (B, H, N, N)
+    return (s.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
+
+
+if __name__ == "__main__":
+    # python -m kernels.attention: milliseconds per call on ViT shapes, bf16, q, k, v as views of one qkv tensor
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs a CUDA GPU (on CPU, pytest tests/test_attention.py checks the kernels)")
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bfloat16")
+    print(f"{'model, tokens':<22}{'(B, H, N, D)':<20}{'pass':<9}{'this file':>10}{'reference':>10}{'torch SDPA':>11}")
+    shapes = {"ViT-S/16, 224 px": (64, 6, 197, 64), "ViT-S/8, 224 px": (64, 6, 785, 64),
+              "ViT-B/16, 224 px": (64, 12, 197, 64), "ViT-H/14, 224 px": (32, 16, 257, 80)}
+    for name, (B, H, N, D) in shapes.items():
+        qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        do = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+        fns = {"this file": attention, "reference": attention_reference, "torch SDPA": F.scaled_dot_product_attention}
+        for label, backward in (("fwd", False), ("fwd+bwd", True)):
+            times = []
+            for fn in fns.values():
+                def step():
+                    with torch.set_grad_enabled(backward):
+                        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+                        o = fn(q, k, v)
+                    if backward:
+                        o.backward(do)
+                times.append(do_bench(step, grad_to_none=[qkv]))
+            print(f"{name:<22}{str((B, H, N, D)):<20}{label:<9}" + "".join(f"{t:>10.3f}" for t in times[:2])
+                  + f"{times[2]:>11.3f}")
