@@ -1,5 +1,390 @@
-"""train_dino.py: PLACEHOLDER until issue 5 lands."""
-import sys
+"""DINO self-supervised training (Caron et al. 2021): a student ViT (or ResNet) learns to match an EMA teacher
+across multi-crop views, with no labels. The recipe and defaults are those of the official main_dino.py.
 
-print("train_dino.py is not written yet (issue 5); nothing was trained.", file=sys.stderr)
-sys.exit(2)
+    python train_dino.py --arch vit_s8                               # CPU, offline: shapes, scaled down (~10 min)
+    python train_dino.py --arch vit_s8 --data /path/to/imagenet/train --knn_data /path/to/imagenet   # one GPU
+    torchrun --nproc_per_node=8 train_dino.py --arch vit_s16 --data /path/to/imagenet/train          # 8 GPUs
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_dino.py ...
+    python train_dino.py --arch resnet50 --optimizer sgd --lr 0.03 --weight_decay 1e-4 --weight_decay_end 1e-4 \\
+        --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14 --data ...      # the official ResNet-50 run
+
+Without --data the offline defaults (OFFLINE below) replace the ImageNet ones that a CPU cannot afford; the script
+prints the ones it applied, and at the end the teacher's k-NN accuracy next to a random-init and a raw-pixel
+baseline. Outputs in --output_dir: checkpoint.pth (official layout: `student` keys start with `module.` as the
+official DDP-wrapped student's, `teacher` keys with `backbone.`/`head.`; plus optimizer, epoch, args, dino_loss,
+fp16_scaler, and our kind/rng), teacher_backbone.pth (the teacher's backbone alone, the official "backbone only"
+format, what models.load_pretrained and timm-style code load), log.jsonl, curves.png, attention/*.png.
+
+Randomness: each process and step draws its crops from a generator seeded with (seed, epoch, step, rank), and the
+global RNG (drop path) is saved in the checkpoint, so --resume continues exactly. With --seed_per_image the crops
+of an image depend only on (seed, epoch, image index): a 2-GPU run then computes what a 1-GPU run with the same
+global batch computes (tests/test_train_dino.py checks this).
+"""
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from minivit import training
+from minivit.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure
+from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropAugment
+from minivit.data import ShapesDataset, build_dataset, build_loader, describe
+from minivit.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer, clip_gradients,
+                          update_teacher)
+from minivit.knn import knn_eval
+from minivit.models import ARCHS, arch_family, build_model
+
+# Offline defaults (no --data): ImageNet's 224/96 px crops, 65536 prototypes and 100 epochs do not fit ~10 minutes
+# of a 2-core CPU. Shapes (64 px, minivit/data.py) are cut into 32 px global and 16 px local crops (4x4 and 2x2
+# patches for a /8 ViT); an "epoch" is 20 steps of 32 images; the short run needs a higher lr, a faster teacher
+# and fewer prototypes to move at all. Measured in the report of tests/test_train_dino.py's author (see README).
+OFFLINE = dict(out_dim=2048, global_crop_size=32, local_crop_size=16, local_crops_number=4, batch_size_per_gpu=32,
+               epochs=4, iters_per_epoch=20, warmup_epochs=1, lr=0.002, momentum_teacher=0.99, eval_every=2,
+               num_workers=0, baselines=True)
+KNN_SHAPES = {"train": 1000, "test": 500}  # the offline k-NN uses the first images of each split (~30 s on 2 cores)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DINO self-supervised training (Caron et al. 2021)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="vit_s16", help=f"one of {', '.join(ARCHS)}. Patch 8 gives better features "
+                   "and attention maps for ~4x the compute (ViT-S/8 k-NN 78.3 vs 74.5 for /16 on ImageNet)")
+    g.add_argument("--out_dim", type=int, default=65536, help="K, prototypes of the head's last layer (%(default)s;"
+                   f" offline {OFFLINE['out_dim']}). Large values (65536) suit large, varied data sets")
+    g.add_argument("--norm_last_layer", action=argparse.BooleanOptionalAction, default=True, help="freeze the "
+                   "last layer's weight-norm magnitudes at 1. --no-norm_last_layer gives better features but can "
+                   "be unstable: the official runs use it for ViT-S, keep the default for ViT-B")
+    g.add_argument("--use_bn_in_head", action="store_true", help="BatchNorm in the head's MLP (off, as official)")
+    g.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student ViT (the "
+                   "teacher has none); ignored for ResNets")
+    g = p.add_argument_group("DINO")
+    g.add_argument("--momentum_teacher", type=float, default=0.996, help="EMA momentum at the start, raised to 1 by "
+                   f"a cosine (%(default)s; offline {OFFLINE['momentum_teacher']}). Raise it for small batches "
+                   "(official: 0.9995 at batch 256); lower it for very short runs, or the teacher stays at its init")
+    g.add_argument("--warmup_teacher_temp", type=float, default=0.04, help="teacher temperature at epoch 0; "
+                   "lower it if the loss does not go down")
+    g.add_argument("--teacher_temp", type=float, default=0.04, help="teacher temperature after the warm-up. 0.04 "
+                   "works in most cases; 0.07 (with --warmup_teacher_temp_epochs 30) is better for long runs; "
+                   "above 0.07 is unstable")
+    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=0, help="epochs of linear warm-up from "
+                   "--warmup_teacher_temp to --teacher_temp (0: none; 30 with --teacher_temp 0.07)")
+    g = p.add_argument_group("multi-crop")
+    g.add_argument("--global_crop_size", type=int, default=224, help=f"side of the 2 global crops, px (offline "
+                   f"{OFFLINE['global_crop_size']}); also the ViT's img_size and the k-NN evaluation size")
+    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0), help="area fraction of the "
+                   "image a global crop covers; use 0.14 1 with --local_crops_number 0")
+    g.add_argument("--local_crops_number", type=int, default=8, help="small local crops per image (offline "
+                   f"{OFFLINE['local_crops_number']}): the student sees them, the teacher does not. 0 disables "
+                   "multi-crop; more crops help but cost compute")
+    g.add_argument("--local_crop_size", type=int, default=96, help=f"side of a local crop, px (offline "
+                   f"{OFFLINE['local_crop_size']})")
+    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4), help="area fraction of a "
+                   "local crop")
+    g.add_argument("--seed_per_image", action="store_true", help="seed each image's crops with (seed, epoch, "
+                   "image index) instead of one generator per process and step: results no longer depend on the "
+                   "number of processes, at ~10 ms of extra Python per image (for checking a multi-GPU run)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100, help=f"(offline {OFFLINE['epochs']}) 300 or 800 epochs "
+                   "give a few points more k-NN accuracy than 100")
+    g.add_argument("--iters_per_epoch", type=int, default=0, help="cut each epoch to this many steps (0: the whole "
+                   f"data set; offline {OFFLINE['iters_per_epoch']}); every schedule counts these steps")
+    g.add_argument("--batch_size_per_gpu", type=int, default=64, help=f"images per process (offline "
+                   f"{OFFLINE['batch_size_per_gpu']}); ViT-S/8 needs ~17 GB at 32, use 16-32 on smaller GPUs")
+    g.add_argument("--lr", type=float, default=0.0005, help="peak learning rate for a global batch of 256, scaled "
+                   f"linearly: lr * batch_size_per_gpu * processes / 256 (offline {OFFLINE['lr']})")
+    g.add_argument("--min_lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup_epochs", type=int, default=10, help="epochs of linear lr warm-up from 0 (offline "
+                   f"{OFFLINE['warmup_epochs']})")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw for ViTs; sgd (momentum "
+                   "0.9) with --lr 0.03 for ResNets, as the official ResNet-50 run")
+    g.add_argument("--weight_decay", type=float, default=0.04, help="weight decay at the start, cosine to "
+                   "--weight_decay_end; not on biases and norms. A small start value works well for ViTs")
+    g.add_argument("--weight_decay_end", type=float, default=0.4, help="final weight decay; a larger decay by the "
+                   "end improves ViTs")
+    g.add_argument("--clip_grad", type=float, default=3.0, help="clip each parameter's gradient norm to this, "
+                   "separately per tensor as the official code (not one global norm); 0.3-1.0 helps larger ViTs; "
+                   "0 disables")
+    g.add_argument("--freeze_last_layer", type=int, default=1, help="epochs during which the head's last layer "
+                   "does not learn; raise it if the loss does not go down at the start")
+    g = p.add_argument_group("data and evaluation")
+    g.add_argument("--data", default=None, help="an ImageNet-style folder (<class>/<image>), a CIFAR python folder,"
+                   " 'shapes' or 'digits'. Absent: the offline default, shapes with the OFFLINE settings")
+    g.add_argument("--knn_data", default=None, help="a folder with train/ and val/ (labelled) for the k-NN "
+                   "evaluation; 'none' skips it. Default: --data's own train/test splits when it has them")
+    g.add_argument("--eval_every", type=int, default=10, help="weighted k-NN (k=20, T=0.07) and attention maps "
+                   f"every this many epochs and at the end (offline {OFFLINE['eval_every']}; 0: at the end only)")
+    g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False, help="also k-NN a random-"
+                   "init backbone and raw pixels before training (on for the offline default; raw pixels of "
+                   "large images need N x 3HW floats of memory)")
+    g.add_argument("--num_workers", type=int, default=10, help=f"data loading processes (offline "
+                   f"{OFFLINE['num_workers']}); the crops are made on the training device, loading only decodes")
+    g = p.add_argument_group("system")
+    g.add_argument("--output_dir", default="runs/dino", help="checkpoint.pth, teacher_backbone.pth, logs, plots")
+    g.add_argument("--resume", action="store_true", help="continue exactly from output_dir/checkpoint.pth")
+    g.add_argument("--saveckp_freq", type=int, default=20, help="also keep checkpoint{epoch:04}.pth every this "
+                   "many epochs (0: never)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cpu or mps")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype;"
+                   " auto: bf16 on GPUs that have it, else fp32. Patch-8 models were unstable in fp16 (the official"
+                   " ones were trained in fp32); bf16 keeps fp32's range. bf16 also speeds up CPUs with AMX")
+    g.add_argument("--seed", type=int, default=0, help="initial weights, data order, crops and drop path")
+    g.add_argument("--log_every", type=int, default=10, help="print a progress line every this many steps")
+    args = p.parse_known_args(argv)[0]
+    if args.data is None:  # offline: the OFFLINE values become the defaults; flags given still win
+        p.set_defaults(**OFFLINE)
+    return p.parse_args(argv)
+
+
+def step_seed(*numbers):
+    """A generator seed from a few non-negative ints, e.g. (seed, epoch, step, rank): numpy's SeedSequence
+    mixes them, so neighbouring tuples give unrelated streams."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
+def knn_top1(model, sets, args, device):
+    """Weighted k-NN top-1 (k=20, T=0.07, DINO sec. 4.1) in percent of a frozen backbone on (train, test)."""
+    results = knn_eval(model, *sets, device, ks=(20,), T=0.07, image_size=args.global_crop_size,
+                       batch_size=max(args.batch_size_per_gpu, 64), num_workers=min(args.num_workers, 4))
+    return results[20][0]
+
+
+@torch.no_grad()
+def attention_figures(backbone, images, gt_masks, folder, epoch):
+    """Save the teacher's CLS attention maps of the first 2 images (ViT only) and return the Jaccard index of the
+    best head's 60%-mass masks against the ground-truth object masks (shapes only; else None).
+    images: normalised (n, 3, S, S) float; gt_masks: (n, S, S) bool or None."""
+    attn = cls_attention_maps(backbone.eval(), images)                        # (n, heads, S/p, S/p)
+    masks = mass_threshold_masks(attn, 0.6)
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    os.makedirs(folder, exist_ok=True)
+    for i in range(min(2, len(images))):
+        save_attention_figure(images[i] * std + mean, attn[i], masks[i], os.path.join(folder, f"ep{epoch:04d}_{i}.png"))
+    if gt_masks is None:
+        return None
+    p = backbone.patch_size  # ground truth at the patch grid: a patch is object when most of its pixels are
+    gt = nn.functional.avg_pool2d(gt_masks.float()[:, None], p)[:, 0] > 0.5  # (n, S/p, S/p)
+    inter = (masks & gt[:, None]).flatten(2).sum(-1).float()                 # (n, heads)
+    union = (masks | gt[:, None]).flatten(2).sum(-1).clamp_min(1).float()
+    return 100 * (inter / union).mean(0).max().item()                        # best head, mean over images
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    offline = args.data is None
+    try:
+        family = arch_family(args.arch)
+        info = training.setup_distributed(args.device)
+        train_set = build_dataset(args.data, "train")
+        if args.knn_data == "none":
+            knn_sets = None
+        elif args.knn_data is not None:
+            knn_sets = tuple(build_dataset(args.knn_data, split) for split in ("train", "test"))
+        elif offline:
+            knn_sets = tuple(ShapesDataset(split, 64, num_images=KNN_SHAPES[split]) for split in ("train", "test"))
+        else:
+            try:
+                knn_sets = (train_set, build_dataset(args.data, "test"))
+            except ValueError as e:  # e.g. imagenet/train: labelled, but no held-out split beside it
+                knn_sets = None
+                training.print0(f"note: no k-NN evaluation ({e}); pass --knn_data with train/ and val/")
+        precision = training.resolve_precision(args.precision, info.device)
+        out = training.make_output_dir(args.output_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    device, rank, world = info.device, info.rank, info.world_size
+    if family == "vit":
+        patch = ARCHS[args.arch].keywords["patch_size"]
+        for name in ("global_crop_size", "local_crop_size"):
+            if getattr(args, name) % patch:
+                raise SystemExit(f"error: --{name} {getattr(args, name)} is not a multiple of {args.arch}'s patch "
+                                 f"size {patch}")
+    ckpt_path, state = out / "checkpoint.pth", None
+    if ckpt_path.exists() and not args.resume:
+        raise SystemExit(f"error: {ckpt_path} exists: add --resume to continue it, or pick another --output_dir")
+    if args.resume:  # checked now, before building anything; loaded into the models below
+        try:
+            state = training.load_checkpoint(ckpt_path, kind="dino", arch=args.arch)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        for key in ("out_dim", "use_bn_in_head", "norm_last_layer", "global_crop_size"):  # parameter shapes
+            if state["args"].get(key) != getattr(args, key):
+                raise SystemExit(f"error: {ckpt_path} was trained with --{key} {state['args'].get(key)}, not "
+                                 f"{getattr(args, key)}; pass --{key} {state['args'].get(key)} to resume it")
+    if offline:
+        training.print0("offline default (no --data): shapes 64 px, k-NN on the first "
+                        f"{KNN_SHAPES['train']}/{KNN_SHAPES['test']} train/test images; applied "
+                        + ", ".join(f"{k}={getattr(args, k)}" for k in OFFLINE if getattr(args, k) == OFFLINE[k]))
+    training.print0(f"{describe(train_set)}; {world} process(es) on {device}, {precision}; args: {vars(args)}")
+
+    # ------------------------------------------------------------------------------------------ data and models
+    try:
+        loader = build_loader(train_set, args.batch_size_per_gpu, shuffle=True, drop_last=True,
+                              num_workers=args.num_workers, seed=args.seed, distributed=info.distributed)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    niter = min(len(loader), args.iters_per_epoch or len(loader))
+    augment = MultiCropAugment(args.global_crop_size, args.local_crop_size, args.local_crops_number,
+                               tuple(args.global_crops_scale), tuple(args.local_crops_scale))
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    vit_kw = dict(img_size=args.global_crop_size) if family == "vit" else {}
+    student = build_model(args.arch, **vit_kw, **(dict(drop_path_rate=args.drop_path_rate) if vit_kw else {}))
+    teacher = build_model(args.arch, **vit_kw)  # no drop path in the teacher
+    embed_dim = student.num_features
+    student = MultiCropWrapper(student, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
+                                                      norm_last_layer=args.norm_last_layer))
+    teacher = MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head))
+    if info.distributed and device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in student.modules()):
+        # ResNets: batch statistics over the global batch, as the official code (SyncBN needs GPUs)
+        student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
+    student, teacher = student.to(device), teacher.to(device)
+    teacher.load_state_dict(student.state_dict())  # the teacher starts as the student and gets no gradients
+    teacher.requires_grad_(False)
+    student_ddp = (nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                       else None) if info.distributed else student)
+    training.seed_everything(args.seed, rank)  # from here each process draws its own drop-path masks
+    training.print0(f"student and teacher: {args.arch} + DINOHead(K={args.out_dim}), "
+                    f"{training.count_parameters(student) / 1e6:.1f}M parameters each")
+
+    try:  # 2 global + local crops: 2 * ncrops - 2 cross-entropy terms (DINO eq. 3)
+        dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
+                             args.warmup_teacher_temp_epochs, args.epochs).to(device)
+        global_batch = args.batch_size_per_gpu * world
+        lr_schedule = training.cosine_schedule(args.lr * global_batch / 256, args.min_lr, args.epochs, niter,
+                                               args.warmup_epochs)  # linear scaling rule (Goyal et al. 2017)
+        wd_schedule = training.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter)
+        momentum_schedule = training.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    groups = training.param_groups(student, args.weight_decay)  # lr and wd are set at every step
+    optimizer = torch.optim.AdamW(groups) if args.optimizer == "adamw" else torch.optim.SGD(groups, lr=0, momentum=0.9)
+    scaler = training.make_grad_scaler(device, precision)
+    autocast = lambda: training.autocast_context(device, precision)  # noqa: E731
+
+    start_epoch, baselines = 0, {}
+    if state is not None:
+        student.load_state_dict({k.removeprefix("module."): v for k, v in state["student"].items()})
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        dino_loss.load_state_dict(state["dino_loss"])
+        if state["fp16_scaler"]:
+            scaler.load_state_dict(state["fp16_scaler"])
+        start_epoch, baselines = state["epoch"], state["knn_baselines"]
+        if not training.set_rng_state(state["rng"]):
+            training.print0(f"note: saved by {len(state['rng'])} processes, now {world}: fresh random streams")
+        training.print0(f"resumed {ckpt_path} at epoch {start_epoch}")
+
+    if family == "vit":  # fixed images for the attention maps, and the objects' masks for a Jaccard index (shapes)
+        att_set, p = (knn_sets[1] if knn_sets else train_set), student.backbone.patch_size
+        shapes = isinstance(att_set, ShapesDataset) and att_set.load_size % p == 0
+        att_n, S = (32 if shapes else 2), att_set.load_size // p * p
+        att_images = EvalTransform(S)(torch.stack([att_set[i][0] for i in range(att_n)])).to(device)
+        att_masks = torch.stack([att_set.mask(i) for i in range(att_n)]).to(device) if shapes else None
+    logger = training.JsonlLogger(out / "log.jsonl")
+    if start_epoch == 0 and args.baselines and knn_sets:  # the two numbers training has to beat
+        baselines = dict(random_init=knn_top1(teacher.backbone, knn_sets, args, device),
+                         raw_pixels=knn_top1(nn.Flatten(), knn_sets, args, device))
+        teacher.train()
+        logger.log(epoch=0, knn_top1=baselines["random_init"], knn_raw_pixels=baselines["raw_pixels"])
+        training.print0(f"k-NN baselines (k=20): random-init {args.arch} {baselines['random_init']:.1f}%, "
+                        f"raw pixels {baselines['raw_pixels']:.1f}%")
+
+    # ------------------------------------------------------------------------------------------------ training
+    progress = training.Progress(args.epochs, niter, args.log_every, start_epoch)
+    ln_k, start_time, top1 = math.log(args.out_dim), time.time(), None
+    for epoch in range(start_epoch, args.epochs):
+        loader.set_epoch(epoch)  # the order depends on (seed, epoch) only
+        indices = list(loader.sampler) if args.seed_per_image else None  # this process's images, in order
+        student.train(), teacher.train()  # the official teacher always runs in train mode (BN: batch statistics)
+        losses, stats = [], {}
+        for it, (images, _) in enumerate(loader):
+            if it == niter:
+                break
+            step = epoch * niter + it  # global iteration: the index of every schedule
+            training.set_schedules(optimizer, float(lr_schedule[step]), float(wd_schedule[step]))
+            images = images.to(device, non_blocking=True)
+            if args.seed_per_image:
+                batch = indices[it * args.batch_size_per_gpu:][:len(images)]
+                views = [augment(x[None], torch.Generator().manual_seed(step_seed(args.seed, epoch, i)))
+                         for x, i in zip(images, batch)]
+                crops = [torch.cat(v) for v in zip(*views)]
+            else:
+                crops = augment(images, torch.Generator().manual_seed(step_seed(args.seed, epoch, it, rank)))
+            log_now = (it + 1) % args.log_every == 0 or it + 1 == niter
+            with autocast():
+                with torch.no_grad():
+                    teacher_output = teacher(crops[:2])  # only the 2 global views go through the teacher
+                student_output = student_ddp(crops)      # every view goes through the student
+                if log_now:  # with the centre this loss uses: the call below moves it
+                    stats = {k: training.all_reduce_mean(v).item()
+                             for k, v in dino_loss.collapse_stats(teacher_output, epoch).items()}
+                loss = dino_loss(student_output, teacher_output, epoch)
+            losses.append(training.check_finite(loss, epoch, it, ckpt_path))  # NaN: stop, keep the last checkpoint
+
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
+                clip_gradients(student, args.clip_grad)
+            cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+            scaler.step(optimizer)
+            scaler.update()
+            update_teacher(student, teacher, momentum_schedule[step])  # EMA (DINO sec. 3.1)
+
+            progress.step(epoch, it, losses[-1], lr_schedule[step], global_batch, wd=wd_schedule[step],
+                          mom=momentum_schedule[step], **({} if not log_now else dict(
+                              entropy=stats["entropy"], kl_unif=stats["kl_to_uniform"])))
+            if log_now and epoch >= args.freeze_last_layer and min(losses[-1], stats["entropy"]) > 0.95 * ln_k:
+                training.print0(f"collapse? loss {losses[-1]:.3f} and teacher entropy {stats['entropy']:.3f} are "
+                                f"near ln(K) = {ln_k:.3f} (uniform); try a lower --teacher_temp")
+            if log_now and stats["kl_to_uniform"] > 0.95 * ln_k:
+                training.print0(f"collapse? KL(mean target || uniform) {stats['kl_to_uniform']:.3f} near ln(K): "
+                                "one prototype wins for every image")
+
+        # ------------------------------------------------------------------ evaluate, checkpoint, log, plot
+        record = dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), lr=lr_schedule[step], wd=wd_schedule[step],
+                      momentum=momentum_schedule[step], teacher_temp=dino_loss.teacher_temp_at(epoch),
+                      teacher_entropy=stats["entropy"], kl_to_uniform=stats["kl_to_uniform"],
+                      time=time.time() - start_time)
+        last = epoch + 1 == args.epochs
+        if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+            if knn_sets:
+                record["knn_top1"] = top1 = knn_top1(teacher.backbone, knn_sets, args, device)
+            if family == "vit" and info.is_main:
+                jaccard = attention_figures(teacher.backbone, att_images, att_masks, out / "attention", epoch + 1)
+                if jaccard is not None:
+                    record["attn_jaccard"] = jaccard
+            teacher.train()
+        state = dict(kind="dino", epoch=epoch + 1, args=vars(args), dino_loss=dino_loss.state_dict(),
+                     student={"module." + k: v for k, v in student.state_dict().items()},  # as official DDP's
+                     teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
+                     fp16_scaler=scaler.state_dict(), knn_baselines=baselines, rng=training.rng_state())
+        training.save_checkpoint(ckpt_path, state)
+        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            training.save_checkpoint(out / f"checkpoint{epoch:04}.pth", state)
+        logger.log(record)
+        if info.is_main:
+            training.plot_curves(out / "log.jsonl", out / "curves.png", ["train_loss", "knn_top1", "teacher_entropy"])
+        training.print0(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in record.items() if k in ("train_loss", "teacher_entropy", "knn_top1",
+                                                                "attn_jaccard")))
+
+    if info.is_main:  # the teacher's backbone alone, named as a plain backbone: the official "backbone only" file
+        tmp = out / ".teacher_backbone.pth.tmp"
+        torch.save(teacher.backbone.state_dict(), tmp)
+        os.replace(tmp, out / "teacher_backbone.pth")
+    training.print0(f"done in {training.format_time(time.time() - start_time)}; wrote {out}/teacher_backbone.pth")
+    if top1 is not None:
+        line = f"k-NN top-1 (k=20, T=0.07) on {describe(knn_sets[1])}: DINO teacher {top1:.1f}%"
+        if baselines:
+            line += (f" | random-init {args.arch} {baselines['random_init']:.1f}% | raw pixels "
+                     f"{baselines['raw_pixels']:.1f}%")
+        training.print0(line)
+    training.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

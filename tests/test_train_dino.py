@@ -1,0 +1,169 @@
+"""train_dino.py end to end, in subprocesses with tiny settings (ViT-Ti/16 on 16 px crops, 64 prototypes, 2 steps
+an epoch): smoke runs for a ViT and a ResNet, the official checkpoint layout, a 2-process torchrun run against a
+1-process run with the same global batch, exact resume, and one-line errors."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_dino
+from conftest import script_env
+from minivit.models import build_model, load_pretrained
+
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "vit_ti16", "--global_crop_size", "16", "--local_crop_size", "16", "--out_dim", "64",
+        "--local_crops_number", "2", "--batch_size_per_gpu", "4", "--iters_per_epoch", "2", "--epochs", "1",
+        "--warmup_epochs", "0", "--log_every", "1"]
+OFFICIAL_KEYS = {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}
+
+
+def run(args, launcher=(sys.executable,), timeout=120):
+    """Run train_dino.py with args; fail the test with its output if it does not exit 0."""
+    cmd = [*launcher, str(ROOT / "train_dino.py"), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    """One 2-step ViT run with the offline k-NN, both baselines and the attention maps."""
+    out = tmp_path_factory.mktemp("vit")
+    stdout = run([*TINY, "--output_dir", out, "--eval_every", "1"])
+    return out, stdout
+
+
+def test_vit_smoke_run_writes_the_official_layout(vit_run):
+    out, stdout = vit_run
+    state = load(out / "checkpoint.pth")
+    assert OFFICIAL_KEYS <= set(state) and state["kind"] == "dino" and state["epoch"] == 1
+    assert all(k.startswith(("module.backbone.", "module.head.")) for k in state["student"])
+    assert all(k.startswith(("backbone.", "head.")) for k in state["teacher"])
+    assert {"head.last_layer.weight_g", "head.last_layer.weight_v", "head.mlp.0.weight"} <= set(state["teacher"])
+    assert state["dino_loss"]["center"].shape == (1, 64) and state["dino_loss"]["center"].abs().sum() > 0
+    assert state["args"]["arch"] == "vit_ti16" and state["optimizer"]["state"]
+    # the teacher moved away from the student (EMA of 2 steps), so the two are told apart below
+    assert not torch.equal(state["teacher"]["backbone.cls_token"], state["student"]["module.backbone.cls_token"])
+    record = [json.loads(line) for line in open(out / "log.jsonl")][-1]
+    assert {"train_loss", "knn_top1", "teacher_entropy", "kl_to_uniform", "attn_jaccard"} <= set(record)
+    assert (out / "curves.png").stat().st_size > 0 and len(list((out / "attention").glob("*.png"))) == 2
+    assert "random-init vit_ti16" in stdout and "raw pixels" in stdout and "offline default" in stdout
+
+
+def test_teacher_backbone_file_loads_strictly(vit_run):
+    out, _ = vit_run
+    backbone = load(out / "teacher_backbone.pth")
+    assert not any(k.startswith(("module.", "backbone.", "head.")) for k in backbone)  # plain backbone names
+    model = build_model("vit_ti16", img_size=16)
+    report = load_pretrained(model, out / "teacher_backbone.pth")
+    assert report.loaded == len(model.state_dict()) and not report.dropped and not report.head_kept_init
+    teacher = load(out / "checkpoint.pth")["teacher"]
+    assert torch.equal(model.pos_embed, teacher["backbone.pos_embed"])
+    # the default 224 px model loads it too, its position table resized
+    assert load_pretrained(build_model("vit_ti16"), out / "teacher_backbone.pth").resized
+
+
+def test_load_pretrained_picks_the_teacher_of_our_checkpoint(vit_run):
+    out, _ = vit_run
+    model = build_model("vit_ti16", img_size=16)
+    report = load_pretrained(model, out / "checkpoint.pth")
+    assert report.source == "teacher"
+    state = load(out / "checkpoint.pth")
+    assert torch.equal(model.cls_token, state["teacher"]["backbone.cls_token"])
+
+
+def test_resnet_smoke_run(tmp_path):
+    run(["--arch", "resnet18", *TINY[2:], "--global_crop_size", "32", "--knn_data", "none", "--output_dir", tmp_path])
+    state = load(tmp_path / "checkpoint.pth")
+    assert OFFICIAL_KEYS <= set(state)
+    assert "module.backbone.layer1.0.bn1.running_mean" in state["student"]
+    model = build_model("resnet18")
+    report = load_pretrained(model, tmp_path / "teacher_backbone.pth")
+    assert report.loaded == len(model.state_dict()) and not report.dropped and not report.head_kept_init
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
+    """1 step, global batch 8: torchrun 2 x 4 against 1 x 8. Equal only if the processes shard the same 8 images,
+    crop each image alike (--seed_per_image seeds the crops per image, not per process), start from the same weights
+    and all-reduce the centre and the gradients. No drop path (its masks are drawn per process) and SGD (AdamW's
+    first step is lr * sign(g): a sign flip of a ~0 gradient element would move a weight by a whole lr)."""
+    common = [*TINY[:TINY.index("--batch_size_per_gpu")], "--iters_per_epoch", "1", "--epochs", "1",
+              "--warmup_epochs", "0", "--seed_per_image", "--drop_path_rate", "0", "--optimizer", "sgd",
+              "--lr", "0.5", "--knn_data", "none"]
+    run([*common, "--batch_size_per_gpu", 8, "--output_dir", tmp_path / "one"])
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    run([*common, "--batch_size_per_gpu", 4, "--output_dir", tmp_path / "two"], launcher=torchrun, timeout=180)
+    one, two = load(tmp_path / "one" / "checkpoint.pth"), load(tmp_path / "two" / "checkpoint.pth")
+    assert len(two["rng"]) == 2  # really two processes
+    torch.testing.assert_close(two["dino_loss"]["center"], one["dino_loss"]["center"], rtol=1e-5, atol=1e-6)
+    for key, value in one["student"].items():
+        torch.testing.assert_close(two["student"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    losses = [json.loads(open(tmp_path / d / "log.jsonl").readline())["train_loss"] for d in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_resume_is_exact(tmp_path):
+    """2 epochs uninterrupted == epoch 1 (its checkpoint0000.pth, what an interrupted run leaves) + resume: the
+    resumed process restores weights, optimizer, centre and every random state, k-NN evaluations included."""
+    args = [*TINY, "--epochs", 2, "--saveckp_freq", 1, "--eval_every", 1, "--knn_data", "digits"]
+    run([*args, "--output_dir", tmp_path / "full"])
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
+    run([*args, "--output_dir", tmp_path / "resumed", "--resume"])
+    full, resumed = load(tmp_path / "full" / "checkpoint.pth"), load(tmp_path / "resumed" / "checkpoint.pth")
+    assert full["epoch"] == resumed["epoch"] == 2
+    for part in ("student", "teacher", "dino_loss"):
+        for key, value in full[part].items():
+            assert torch.equal(resumed[part][key], value), f"{part}.{key}"
+
+
+def test_defaults_follow_the_official_recipe():
+    args = train_dino.parse_args(["--data", "/path/to/imagenet/train"])
+    official = dict(out_dim=65536, norm_last_layer=True, use_bn_in_head=False, momentum_teacher=0.996,
+                    warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0, lr=0.0005,
+                    min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
+                    freeze_last_layer=1, drop_path_rate=0.1, batch_size_per_gpu=64, epochs=100, optimizer="adamw",
+                    global_crop_size=224, local_crop_size=96, local_crops_number=8)
+    assert {k: getattr(args, k) for k in official} == official
+    assert tuple(args.global_crops_scale) == (0.4, 1.0) and tuple(args.local_crops_scale) == (0.05, 0.4)
+    offline = train_dino.parse_args(["--arch", "vit_s8", "--out_dim", "512"])
+    assert offline.out_dim == 512  # a flag given wins over the offline default
+    assert all(getattr(offline, k) == v for k, v in train_dino.OFFLINE.items() if k != "out_dim")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "vit_q7"], "unknown arch 'vit_q7'; choose one of: vit_ti16"),
+    (["--data", "/no/such/folder"], "is not a folder"),
+    (["--local_crop_size", "20"], "not a multiple of vit_s16's patch size 16"),
+])
+def test_bad_input_is_a_one_line_error(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        train_dino.main([*argv, "--output_dir", str(tmp_path)])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_resume_with_another_models_checkpoint_is_refused(vit_run, tmp_path):
+    out, _ = vit_run
+    shutil.copy(out / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit, match="holds a vit_ti16 model but --arch is resnet18; pass --arch vit_ti16"):
+        train_dino.main([*TINY[2:], "--arch", "resnet18", "--resume", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--out_dim 64"):
+        train_dino.main([*TINY[:TINY.index("--out_dim")], "--resume", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="exists: add --resume"):
+        train_dino.main([*TINY, "--output_dir", str(tmp_path)])
+
+
+def test_bad_arch_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_dino.py"), "--arch", "vit_q7", "--output_dir",
+                           str(tmp_path)], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "vit_s8" in proc.stderr
