@@ -23,7 +23,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from minivit.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure, upsample
 
@@ -66,13 +65,9 @@ def segmentation_scores(object_iou, image_index):
     if object_iou.ndim != 2 or len(object_iou) != len(image_index) or len(object_iou) == 0:
         raise ValueError(f"expected (M, heads) scores and M image indices with M > 0, got "
                          f"{tuple(object_iou.shape)} and {tuple(image_index.shape)}")
-    _, image_index = image_index.unique(return_inverse=True)                     # 0..n_images-1
-    n_images = int(image_index.max()) + 1
-    objects_per_image = torch.zeros(n_images, dtype=torch.float64).index_add_(0, image_index,
-                                                                                torch.ones(len(image_index)).double())
-    weight = 1.0 / (objects_per_image[image_index] * n_images)                 # (M,) each image counts once
-    columns = torch.cat((object_iou.max(1, keepdim=True).values, object_iou), 1)  # (M, 1 + heads)
-    means = (columns * weight[:, None]).sum(0)                                   # (1 + heads,)
+    columns = torch.cat((object_iou.max(1, keepdim=True).values, object_iou), 1)  # (M, 1 + heads): best, each
+    per_image = torch.stack([columns[image_index == i].mean(0) for i in image_index.unique()])  # (images, 1 + heads)
+    means = per_image.mean(0)
     per_head = means[1:]
     return {"dino": means[0].item(), "per_head": per_head.tolist(), "best_head": int(per_head.argmax()),
             "best_head_jaccard": per_head.max().item(), "mean_heads": per_head.mean().item()}
@@ -165,16 +160,18 @@ def load_pair(image_path, mask_path, image_size, patch_size):
 
 
 def batches(data, num_images, image_size, patch_size, batch_size, image_set=None):
-    """Yield (images float (B, 3, H, W) in [0, 1], labels int64 (B, H, W): 0 background, VOID, else object ids).
-    Shapes come in batches of batch_size at image_size (one object each); VOC images one at a time (sizes vary)."""
+    """Yield (images float (B, 3, H, W) in [0, 1], labels int64 (B, H, W): 0 background, VOID, else object ids)
+    for the first num_images (None: all) test shapes, in batches of batch_size at image_size (one object each), or
+    VOC images one at a time (their sizes vary)."""
     from minivit.data import ShapesDataset
 
     if data == "shapes":
         if image_size % patch_size:
             raise ValueError(f"--image_size {image_size} is not a multiple of the patch size {patch_size}")
         dataset = ShapesDataset("test", load_size=image_size)
-        for start in range(0, min(num_images, len(dataset)), batch_size):
-            rendered = [dataset.render(i) for i in range(start, min(start + batch_size, num_images))]
+        n = min(num_images or len(dataset), len(dataset))
+        for start in range(0, n, batch_size):
+            rendered = [dataset.render(i) for i in range(start, min(start + batch_size, n))]
             yield (torch.stack([r[0] for r in rendered]).float() / 255,
                    torch.stack([r[2] for r in rendered]).long())                 # mask True -> object id 1
         return
@@ -194,7 +191,8 @@ def evaluate(models, batches, device, mass=0.6, keep=4):
 
     models: {label: ViT}; batches: iterable of (images float (B, 3, H, W) in [0, 1], labels int64 (B, H, W)).
     Returns ({label: segmentation_scores dict}, number of images, number of objects, examples): examples holds the
-    first `keep` images as dicts with 'image', 'labels' and per label (attn (heads, h, w), masks, best_head)."""
+    first `keep` images as dicts with 'image', 'labels' and, per label, (attn (heads, h, w), masks (heads, h, w),
+    the head best on this image, its Jaccard or None when the image has no object)."""
     from minivit.augment import normalize
 
     object_iou, image_index, examples, n_images = {label: [] for label in models}, [], [], 0
@@ -300,7 +298,7 @@ def main(argv=None):
     if not all(hasattr(m, "get_last_selfattention") for m in models.values()):
         raise SystemExit(f"--arch {args.arch} has no self-attention: pick a ViT (vit_s8, vit_s16, ...)")
     patch_size = next(iter(models.values())).patch_size
-    num_images = args.num_images or (200 if shapes else 10 ** 9)
+    num_images = args.num_images or (200 if shapes else None)  # None: all
     try:
         scores, n_images, n_objects, examples = evaluate(
             models, batches(args.data, num_images, image_size, patch_size, args.batch_size, args.image_set),
