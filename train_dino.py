@@ -232,9 +232,11 @@ def main(argv=None):
     augment = MultiCropAugment(args.global_crop_size, args.local_crop_size, args.local_crops_number,
                                tuple(args.global_crops_scale), tuple(args.local_crops_scale))
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    vit_kw = dict(img_size=args.global_crop_size) if family == "vit" else {}
-    student = build_model(args.arch, **vit_kw, **(dict(drop_path_rate=args.drop_path_rate) if vit_kw else {}))
-    teacher = build_model(args.arch, **vit_kw)  # no drop path in the teacher
+    if family == "vit":  # position table sized for the global crops (224: 196 + 1 at /16); drop path: student only
+        student = build_model(args.arch, img_size=args.global_crop_size, drop_path_rate=args.drop_path_rate)
+        teacher = build_model(args.arch, img_size=args.global_crop_size)
+    else:
+        student, teacher = build_model(args.arch), build_model(args.arch)
     embed_dim, patch = student.num_features, getattr(student, "patch_size", 1)
     for name in ("global_crop_size", "local_crop_size"):
         if getattr(args, name) % patch:
