@@ -160,11 +160,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float | None = None) -> None:
-    """Set this iteration's lr on every group and, if given, the weight decay on the "decay" groups only."""
+    """Set this iteration's lr on every group and, if given, the weight decay on the "decay" groups only.
+    Values are cast to Python floats: a numpy float in the optimizer state would make the checkpoint unloadable
+    with torch.load(weights_only=True)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = float(lr)
         if weight_decay is not None and group.get("name") == "decay":
-            group["weight_decay"] = weight_decay
+            group["weight_decay"] = float(weight_decay)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
