@@ -27,11 +27,11 @@ from minivit.supervised import cli_errors, evaluate, subset, train_one_epoch
 KIND = "resnet"  # the checkpoint's kind: the other script refuses to resume it
 # the recipe for ImageNet folders: torchvision's classic one (SGD 0.1 per 256 images, momentum 0.9, wd 1e-4), with
 # a warm-up + cosine instead of its step decay (Goyal et al. 2017; Loshchilov & Hutter 2017)
-IMAGENET = dict(arch="resnet50", small_stem=False, image_size=224, load_size=256, crop_scale=0.08, hflip=True,
+IMAGENET = dict(arch="resnet50", small_stem=False, image_size=224, crop_scale=0.08, hflip=True,
                 epochs=90, warmup_epochs=5, batch_size=64, lr=0.1, num_workers=8)
 # without --data (or with --data digits): a ResNet-18 that learns the 8x8 digits in a few CPU minutes (measured)
-OFFLINE = dict(data="digits", arch="resnet18", small_stem=True, image_size=16, load_size=16, crop_scale=0.5,
-               hflip=False, epochs=10, warmup_epochs=1, batch_size=64, lr=0.1, num_workers=0)
+OFFLINE = dict(data="digits", arch="resnet18", small_stem=True, image_size=16, load_size=16, crop_scale=0.8,
+               hflip=False, epochs=10, warmup_epochs=1, batch_size=64, lr=0.4, num_workers=0)
 # flags that shape the model: a resumed run must pass the same
 RESUME_MUST_MATCH = ("small_stem", "data")
 
@@ -52,13 +52,13 @@ g.add_argument("--data", default=None, help="an ImageNet-style or CIFAR folder; 
 g.add_argument("--image_size", type=int, default=None, help="training/test resolution; default 224, 16 offline. "
                "Must be a multiple of the patch size")
 g.add_argument("--load_size", type=int, default=None, help="side of the square images decoded from disk, crops are "
-               "taken inside it; default 256 (the test view is then the centre 224 of 256), 16 offline")
+               "taken inside it; default 256 for image folders, 32 for CIFAR, 16 offline")
 g.add_argument("--crop_scale", type=float, default=None, help="smallest area fraction of RandomResizedCrop; default "
-               "0.08 (Inception/DeiT), 0.5 offline. Raise it for small images where a tiny crop is unrecognisable")
+               "0.08 (Inception/DeiT), 0.8 offline. Raise it for small images where a tiny crop is unrecognisable")
 g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips; on for "
                "photos, off offline (a mirrored digit is another symbol)")
-g.add_argument("--train_fraction", type=float, default=1.0, help="train on this class-balanced fraction of the training "
-               "set (same images every run); lower it to see how ViTs fare with less data than CNNs")
+g.add_argument("--train_fraction", type=float, default=1.0, help="train on this class-balanced fraction of the "
+               "training set (same images every run); lower it to see how ViTs fare with less data than CNNs")
 g.add_argument("--num_workers", type=int, default=None, help="data loading processes; default 8, 0 offline. Raise it "
                "if the GPU waits for JPEG decoding (img/s below what --data digits gives)")
 g = parser.add_argument_group("optimisation (classic recipe: SGD, momentum, weight decay, warm-up + cosine)")
@@ -66,7 +66,7 @@ g.add_argument("--epochs", type=int, default=None, help="default 90 (torchvision
 g.add_argument("--batch_size", type=int, default=None, help="images per process per step; default 64. Lower it if out "
                "of memory: the lr follows the global batch")
 g.add_argument("--lr", type=float, default=None, help="SGD peak lr for a global batch of 256, scaled linearly to the "
-               "real one (Goyal et al. 2017); default 0.1. Lower it (e.g. 0.01) when fine-tuning --pretrained")
+               "real one (Goyal et al. 2017); default 0.1, 0.4 offline. Lower it (e.g. 0.01) to fine-tune --pretrained")
 g.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
 g.add_argument("--warmup_epochs", type=int, default=None, help="linear lr warm-up; default 5, 1 offline. Must stay "
                "below --epochs; needed for global batches above ~1k (Goyal et al. 2017)")
@@ -83,7 +83,8 @@ g.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta alpha; tor
 g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global gradient norm to this (0 = off); try 1.0 "
                "if the loss spikes or turns NaN")
 g = parser.add_argument_group("system")
-g.add_argument("--output_dir", default=f"runs/{KIND}", help="checkpoint.pt, log.jsonl, curves.png, results.json go here")
+g.add_argument("--output_dir", default=f"runs/{KIND}", help="where checkpoint.pt, log.jsonl, curves.png and "
+               "results.json go")
 g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt exactly where it stopped "
                "(weights, optimizer, epoch, random streams, data order); pass the same flags")
 g.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cpu or mps")
@@ -91,8 +92,8 @@ g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "
                "bf16 on GPUs that have it, fp32 elsewhere. fp16 (with loss scaling) only for GPUs without bf16")
 g.add_argument("--seed", type=int, default=0, help="seeds the weights, data order and augmentations")
 g.add_argument("--log_every", type=int, default=20, help="print a progress line every this many steps")
-g.add_argument("--eval_every", type=int, default=1, help="evaluate every this many epochs (and after the last); raise "
-               "it when the test set is slow to run")
+g.add_argument("--eval_every", type=int, default=1, help="evaluate every this many epochs and after the last (0: "
+               "only after the last); raise it when the test set is slow to run")
 g.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cut each epoch to this many steps")
 g.add_argument("--stop_after", type=int, default=None, help="stop after this many epochs of this job, keeping the "
                "schedule of --epochs; for clusters with a time limit: run again with --resume")
@@ -104,7 +105,8 @@ applied = {k: v for k, v in recipe.items() if getattr(args, k, None) is None}
 for k, v in applied.items():
     setattr(args, k, v)
 if recipe is OFFLINE and applied:
-    training.print0("offline defaults: " + " ".join(f"--{k} {v}" for k, v in applied.items()))
+    flags = (f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}" for k, v in applied.items())
+    training.print0(f"offline defaults: {' '.join(flags)}")
 with cli_errors():  # bad flags, folders and files end here with a one-line error
     if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
         raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
@@ -113,9 +115,10 @@ with cli_errors():  # bad flags, folders and files end here with a one-line erro
     out = training.make_output_dir(args.output_dir)
     seed = training.seed_everything(args.seed, info.rank)
     generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint
-    training.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
+training.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
 
-    # --------------------------------------------------------------------------- data, model, optimizer, schedules
+# ------------------------------------------------------------------------------- data, model, optimizer, schedules
+with cli_errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
     train_set = subset(build_dataset(args.data, "train", args.load_size), args.train_fraction, args.seed)
     test_set = build_dataset(args.data, "test", args.load_size)
     training.print0(f"train {describe(train_set)}\ntest  {describe(test_set)}")
@@ -125,7 +128,8 @@ with cli_errors():  # bad flags, folders and files end here with a one-line erro
                                num_workers=args.num_workers, distributed=info.distributed)
     steps = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
     augment = SupervisedAugment(args.image_size, scale=(args.crop_scale, 1.0), hflip=args.hflip)
-    eval_transform = EvalTransform(args.image_size, resize=max(args.load_size, args.image_size))
+    # the test view: the centre image_size square of the load_size image (224 of 256 for ImageNet)
+    eval_transform = EvalTransform(args.image_size, resize=max(train_set.load_size, args.image_size))
 
     model = build_model(args.arch, num_classes=train_set.num_classes, small_stem=args.small_stem,
                         zero_init_residual=args.zero_init_residual)
@@ -183,7 +187,7 @@ for epoch in range(start_epoch, end_epoch):
                             memory_format=memory_format)
     record = {"epoch": epoch + 1, "train_loss": train["loss"], "lr": optimizer.param_groups[0]["lr"],
               "train_images": train["images"], "train_seconds": train["seconds"]}
-    if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+    if epoch + 1 == args.epochs or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
         test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
         record.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
         training.print0(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f} | test loss "

@@ -64,7 +64,7 @@ def test_resnet_smoke_run(resnet_run):
     proc, out = resnet_run
     results = check_finished_run(proc, out, "resnet18", epochs=2)
     assert results["params"] == 11_173_962  # ResNet-18 with a 10-class fc and the 3x3 stem
-    assert "offline defaults:" in proc.stdout and "--small_stem True" in proc.stdout
+    assert "offline defaults:" in proc.stdout and "--small_stem " in proc.stdout
     state = training.load_checkpoint(out / "checkpoint.pt", kind="resnet", arch="resnet18")
     assert state["epoch"] == 2 and state["model"]["conv1.weight"].shape == (64, 3, 3, 3)
 
