@@ -11,7 +11,6 @@
 Written to --output_dir: checkpoint.pt (every epoch), log.jsonl (one line an epoch), curves.png, results.json.
 """
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -22,7 +21,7 @@ from minivit import training
 from minivit.augment import EvalTransform, SupervisedAugment
 from minivit.data import build_dataset, build_loader, describe
 from minivit.models import arch_family, build_model, load_pretrained
-from minivit.supervised import cli_errors, evaluate, subset, train_one_epoch
+from minivit.supervised import cli_errors, evaluate, resume, subset, train_one_epoch, write_results
 
 KIND = "vit"  # the checkpoint's kind: the other script refuses to resume it
 # the recipe for ImageNet folders: DeiT (Touvron et al. 2021) without RandAugment and random erasing
@@ -146,19 +145,7 @@ scaler = training.make_grad_scaler(info.device, precision)
 ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
 start_epoch = 0
 if args.resume:
-    with cli_errors():
-        state = training.load_checkpoint(ckpt_path, kind=KIND, arch=args.arch)
-    changed = [f"--{k} {state['args'].get(k)} (now {getattr(args, k)})" for k in RESUME_MUST_MATCH
-               if state["args"].get(k) != getattr(args, k)]
-    if changed:
-        sys.exit(f"error: {ckpt_path} was trained with {', '.join(changed)}; pass the same flags to resume it")
-    raw_model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    start_epoch = state["epoch"]
-    if not training.set_rng_state(state["rng"], {"augment": generator}):
-        training.print0("note: the checkpoint comes from another number of processes; random streams start afresh")
-    training.print0(f"resumed {ckpt_path} after epoch {start_epoch}")
+    start_epoch = resume(ckpt_path, KIND, args, RESUME_MUST_MATCH, raw_model, optimizer, scaler, generator)
 elif info.is_main and log_path.exists():
     log_path.unlink()  # a fresh run starts a fresh log
 model = DistributedDataParallel(raw_model) if info.distributed else raw_model
@@ -196,15 +183,7 @@ if end_epoch < args.epochs:
 if test is None:  # a finished run resumed: nothing was trained, report its test accuracy all the same
     test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
 if info.is_main:
-    records = training.read_jsonl(log_path)
     training.plot_curves(log_path, out / "curves.png", ["train_loss", "test_loss", "test_top1", "lr"])
-    seconds = sum(r["train_seconds"] for r in records)
-    results = {"arch": args.arch, "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
-               "train_images_per_s": sum(r["train_images"] for r in records) / max(seconds, 1e-9),
-               "train_seconds": seconds, "params": training.count_parameters(raw_model), "epochs": args.epochs,
-               "train_fraction": args.train_fraction, "train_images": len(train_set), "data": args.data,
-               "image_size": args.image_size, "world_size": info.world_size, "device": str(info.device),
-               "precision": precision}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out / "results.json", args, test, raw_model, train_set, log_path, info, precision)
 training.print0(f"test top-1 {test['top1']:.1f}% top-5 {test['top5']:.1f}%")
 training.cleanup_distributed()

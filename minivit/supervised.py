@@ -5,6 +5,7 @@ The scripts keep the recipe (model, optimizer, schedules) and the epoch loop in 
 what would otherwise be copied between them, so `diff train_vit.py train_resnet.py` shows the model and the recipe.
 """
 import contextlib
+import json
 import time
 
 import numpy as np
@@ -204,3 +205,38 @@ def cli_errors():
         yield
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def resume(checkpoint_path, kind: str, args, must_match, model, optimizer, scaler, generator) -> int:
+    """Continue a run exactly: load checkpoint_path (written by the same script, `kind`, with the same --arch and
+    the flags in `must_match`) into model, optimizer, scaler and the RNG streams. -> the epoch to start from."""
+    with cli_errors():
+        state = training.load_checkpoint(checkpoint_path, kind=kind, arch=args.arch)
+    changed = [f"--{k} {state['args'].get(k)} (now {getattr(args, k)})" for k in must_match
+               if state["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"error: {checkpoint_path} was trained with {', '.join(changed)}; pass the same flags to "
+                         "resume it")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if not training.set_rng_state(state["rng"], {"augment": generator}):
+        training.print0("note: the checkpoint comes from another number of processes; random streams start afresh")
+    training.print0(f"resumed {checkpoint_path} after epoch {state['epoch']}")
+    return state["epoch"]
+
+
+def write_results(path, args, test: dict, model, train_set, log_path, info, precision: str) -> dict:
+    """results.json of a finished run (what minivit.compare reads): test accuracy, training speed over the logged
+    epochs, parameters and the run's settings. -> the dict written."""
+    records = training.read_jsonl(log_path)
+    seconds = sum(r["train_seconds"] for r in records)
+    results = {"arch": args.arch, "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
+               "train_images_per_s": sum(r["train_images"] for r in records) / max(seconds, 1e-9),
+               "train_seconds": seconds, "params": training.count_parameters(model), "epochs": args.epochs,
+               "train_fraction": args.train_fraction, "train_images": len(train_set), "data": args.data,
+               "image_size": args.image_size, "world_size": info.world_size, "device": str(info.device),
+               "precision": precision}
+    with open(path, "w") as f:
+        f.write(json.dumps(results, indent=2) + "\n")
+    return results
