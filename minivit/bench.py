@@ -282,7 +282,13 @@ def vit_step(plan, arch):
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     B = plan.vit_batch[arch]
     x = torch.empty(B, 3, plan.img_size, plan.img_size, device=plan.device)
-    y = torch.empty(B, dtype=torch.long, device=plan.device)
+    return _classifier_step(plan, model, optimizer, x)
+
+
+def _classifier_step(plan, model, optimizer, x):
+    """(step, refill) for a 1000-class supervised step on the image buffer x: refill draws fresh random images
+    and labels; step is forward + cross-entropy + backward + optimizer step."""
+    y = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
 
     def refill():
         x.normal_()
@@ -321,23 +327,10 @@ def resnet_step(plan):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     B, S = plan.resnet_batch, plan.img_size
     x = torch.empty(B, 3, S, S, device=plan.device).contiguous(memory_format=fmt)
-    y = torch.empty(B, dtype=torch.long, device=plan.device)
-
-    def refill():
-        x.normal_()
-        y.random_(0, 1000)
-
+    step, refill = _classifier_step(plan, model, optimizer, x)
     refill()
     with torch.no_grad():
         flops = 3 * counted_flops(lambda: model(x[:1]))  # forward of one image, x3 for forward + backward
-
-    def step():
-        with _autocast(plan):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     return measure(step, refill, plan.device, plan.warmup, plan.iters), flops
 
 
