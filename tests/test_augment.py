@@ -232,6 +232,7 @@ def test_multicrop_default_recipe_is_dinos():
     m = MultiCropAugment()
     assert (m.global_crop_size, m.local_crop_size, m.local_crops_number) == (224, 96, 8)
     assert m.global_crops_scale == (0.4, 1.0) and m.local_crops_scale == (0.05, 0.4)
+    assert m.blur_sigma == pytest.approx((0.1, 2.0))
 
 
 def test_multicrop_views_shapes_and_per_view_probabilities(monkeypatch):
@@ -250,6 +251,8 @@ def test_multicrop_views_shapes_and_per_view_probabilities(monkeypatch):
     assert crops == [((24, (0.4, 1.0)), 0.5)] * 2 + [((12, (0.05, 0.4)), 0.5)] * 3
     p = {name: [kw["p"] for n, _, kw in calls if n == name] for name in ("gaussian_blur", "solarize")}
     assert p == {"gaussian_blur": [1.0, 0.1, 0.5], "solarize": [0.0, 0.2, 0.0]}  # global 1, global 2, locals
+    sigmas = [kw["sigma"] for name, _, kw in calls if name == "gaussian_blur"]
+    assert sigmas == [pytest.approx((0.1 * 24 / 224, 2.0 * 24 / 224))] * 3  # DINO's 0.1-2 px at 224, scaled
     jitter = [(args, kw) for name, args, kw in calls if name == "color_jitter"]
     assert jitter == [((0.4, 0.4, 0.2, 0.1), {"p": 0.8})] * 3
     assert [kw["p"] for name, _, kw in calls if name == "random_grayscale"] == [0.2] * 3
