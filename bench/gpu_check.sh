@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# One GPU visit: the kernel tests compiled, then every benchmark; tables land in $OUT (default: ./out).
-# Usage (on the GPU machine, from the repository root):  bash bench/gpu_check.sh   (~9 min: run with timeout_s 600)
-# DINO first: the issue-6 table is written before the others, and a timeout keeps every finished table.
+# One GPU visit: the DINO step benchmark, the kernel tests compiled, the kernel and loader benchmarks, then the
+# torch.compile yardstick. Tables land in $OUT (default: ./out), each written as soon as it is done.
+# Usage (on the GPU machine, from the repository root):  bash bench/gpu_check.sh   (~8 min: run with timeout_s 600)
+# Most important first, each step under its own timeout, so that a slow step costs only itself.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-# Same tests as CI, now compiled on the GPU (kernels first: they matter most here).
-timeout 180 python3 -m pytest -x -q tests/test_attention.py tests/test_patch_embed.py 2>&1 | tee "$OUT/tests.log"
-timeout 120 python3 -m kernels.bench --out "$OUT/kernels.md" 2>&1 | tee "$OUT/kernels.log"
-timeout 240 python3 -m minivit.bench --only dino,vit,resnet,loader --out "$OUT/models.md" 2>&1 | tee "$OUT/models.log"
-cat "$OUT/kernels.md" "$OUT/models.md" 2>/dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/log.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/log.txt"
+# 1. The DINO step (issue 5's table): ours vs plain PyTorch, ViT-S/16 b128 and ViT-S/8 b32, 2x224 + 8x96 crops.
+timeout 170 python3 -m minivit.bench --only dino --out "$OUT/dino.md" 2>&1 | tee -a "$OUT/log.txt"
+# 2. The same kernel tests as CI, now compiled (8 processes share the compiling; pytest-xdist is on that machine).
+timeout 150 python3 -m pytest -q -n 8 --maxfail=5 tests/test_attention.py tests/test_patch_embed.py 2>&1 \
+    | tee "$OUT/tests.log" | tail -25
+# 3. Kernels against every SDPA backend and conv2d; 4. the input pipeline (decode + multi-crop on the GPU).
+timeout 70 python3 -m kernels.bench --out "$OUT/kernels.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
+timeout 60 python3 -m minivit.bench --only loader --out "$OUT/loader.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
+# 5. What fusing the elementwise ops around the GEMMs would be worth: both backbones under torch.compile.
+timeout 140 python3 -m minivit.bench --only dino --archs vit_s16 --compile --iters 5 --out "$OUT/dino_compile.md" \
+    2>&1 | tee -a "$OUT/log.txt" | tail -12
+cat "$OUT/dino.md" "$OUT/kernels.md" "$OUT/loader.md" 2>/dev/null

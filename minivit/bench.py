@@ -205,6 +205,8 @@ class Plan:
     jpegs: int  # distinct JPEGs written for the loader section (make_jpegs links each 4 times)
     loader_batch: int
     workers: int
+    archs: tuple = ("vit_s16", "vit_s8")  # the ViT and DINO rows
+    compile: bool = False  # DINO: torch.compile the student's and teacher's backbones (inductor fuses LN, GELU, adds)
 
     @property
     def label(self):
@@ -279,7 +281,7 @@ def vit_step(plan, arch):
     """One supervised step: cross-entropy over 1000 classes, backward, AdamW. -> (step, refill) functions."""
     torch.manual_seed(0)
     model = build_model(arch, num_classes=1000, img_size=plan.img_size).to(plan.device)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=plan.device.type == "cuda")
     B = plan.vit_batch[arch]
     x = torch.empty(B, 3, plan.img_size, plan.img_size, device=plan.device)
     return _classifier_step(plan, model, optimizer, x)
@@ -307,7 +309,7 @@ def _classifier_step(plan, model, optimizer, x):
 def bench_vit(plan):
     """Table: supervised ViT-S/16 and ViT-S/8 steps, ours vs plain. -> markdown lines."""
     rows = []
-    for arch in ("vit_s16", "vit_s8"):
+    for arch in plan.archs:
         patch, B = int(arch[5:]), plan.vit_batch[arch]
         flops = 3 * vit_flops(plan.img_size, patch, num_classes=1000, **VIT_S)["total"]
         results = _ours_vs_plain(plan, vit_step, arch)
@@ -363,8 +365,11 @@ def dino_step(plan, arch):
     student, teacher = network(0.1), network(0.0)  # DINO: drop path 0.1 in the student only
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    if plan.compile:  # in place: parameter names stay those of the plain modules (update_teacher pairs them by name)
+        for model in (student, teacher):
+            model.backbone.compile(dynamic=False)  # one static graph per crop size: 2 global, then 8 local
     dino_loss = DINOLoss(plan.out_dim, 2 + n_local, 0.04, 0.04, 0, 1).to(plan.device)
-    optimizer = torch.optim.AdamW(param_groups(student, 0.04), lr=5e-4 * B / 256)
+    optimizer = torch.optim.AdamW(param_groups(student, 0.04), lr=5e-4 * B / 256, fused=plan.device.type == "cuda")
     crops = [torch.empty(B, 3, plan.global_size, plan.global_size, device=plan.device) for _ in range(2)] + \
         [torch.empty(B, 3, plan.local_size, plan.local_size, device=plan.device) for _ in range(n_local)]
 
@@ -390,7 +395,7 @@ def bench_dino(plan):
     """Table: the DINO step for ViT-S/16 and ViT-S/8, ours vs plain, with the official numbers, the targets and the
     FLOP ceiling. -> markdown lines."""
     rows = []
-    for arch in ("vit_s16", "vit_s8"):
+    for arch in plan.archs:
         patch, B = int(arch[5:]), plan.dino_batch[arch]
         flops = dino_flops(patch, plan.global_size, plan.local_size, 8, plan.out_dim)["total"]
         results = _ours_vs_plain(plan, dino_step, arch)
@@ -404,7 +409,8 @@ def bench_dino(plan):
                  [arch, "target, H200 (issue 6)", "", "", "", f">= {target[0]}", "", f"<= {target[1]:g}", ""],
                  [arch, "FLOP ceiling at 790 TFLOP/s (full sizes)", "", "", "", f"{ceiling:.0f}", "790", "", ""]]
     crops = f"2x{plan.global_size} + 8x{plan.local_size} crops, K={plan.out_dim}"
-    title = f"DINO training step ({crops}), {_precision(plan)}, {plan.label}"
+    compiled = ", backbones under torch.compile" if plan.compile else ""
+    title = f"DINO training step ({crops}), {_precision(plan)}{compiled}, {plan.label}"
     return _table(title, ["model", "build", "batch", "GFLOP/img", "ms/step median [min, max]", "img/s", "TFLOP/s",
                           "peak GiB", "ours speed-up"], rows)
 
@@ -512,7 +518,14 @@ def main(argv=None):
                         help="auto = cuda when available; cpu times the PyTorch references")
     parser.add_argument("--iters", type=int, default=None,
                         help="timed steps per row (default 10 on a GPU, 5 with --quick; 3 / 2 on a CPU)")
+    parser.add_argument("--archs", default="vit_s16,vit_s8", help="the ViT and DINO rows: vit_s16, vit_s8 or both")
+    parser.add_argument("--compile", action="store_true",
+                        help="DINO: torch.compile both backbones (compiles for minutes first; the yardstick of what "
+                             "fusing LayerNorm, GELU and the residual adds around the GEMMs is worth)")
     args = parser.parse_args(argv)
+    archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
+    if not archs or set(archs) - {"vit_s16", "vit_s8"}:
+        raise SystemExit(f"--archs {args.archs!r}: choose from vit_s16,vit_s8")
     if args.iters is not None and args.iters < 1:
         raise SystemExit(f"--iters {args.iters}: time at least 1 step")
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -526,6 +539,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     plan = make_plan(device, args.quick)
     plan.iters = args.iters or plan.iters
+    plan.archs, plan.compile = archs, args.compile
     benches = {"vit": bench_vit, "resnet": bench_resnet, "dino": bench_dino, "loader": bench_loader}
     out = open(args.out, "w") if args.out else None
 
