@@ -44,9 +44,10 @@ _LOG2E = tl.constexpr(LOG2E)  # the same, as a compile-time constant the kernels
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Kernels. Tensors are (B, H, N, D); q, k, v, dO come with any strides (e.g. views of one qkv GEMM output), the
-# buffers we allocate (O, LSE, delta, dQ, dK, dV) are contiguous. Grid axis 0 is B * H because it may grow past
-# 65535 (axes 1 and 2 may not); axis 1 is the block index along N.
+# Kernels. Tensors are (B, H, N, D); q, k, v, dO come with any strides (e.g. views of one qkv GEMM output); O is
+# written with any strides too: by default in the token layout (B, N, H, D) that the output projection reads, so
+# that concatenating the heads is a view, not a copy. The other buffers (LSE, delta, dQ, dK, dV) are contiguous.
+# Grid axis 0 is B * H because it may grow past 65535 (axes 1 and 2 may not); axis 1 is the block index along N.
 
 @triton.jit
 def _dot(a, b, F32_DOT: tl.constexpr):
@@ -63,11 +64,12 @@ def _dot(a, b, F32_DOT: tl.constexpr):
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V,  # (B, H, N, D) inputs, fp32/fp16/bf16, any strides
-    O,  # (B, H, N, D) output, contiguous, dtype of Q
+    O,  # (B, H, N, D) output, dtype of Q, any strides
     LSE,  # (B, H, N) fp32 output: L_i = log sum_j exp(S_ij), natural log, for the backward
     stride_qb, stride_qh, stride_qn, stride_qd,  # element strides of Q
     stride_kb, stride_kh, stride_kn, stride_kd,  # ... of K
     stride_vb, stride_vh, stride_vn, stride_vd,  # ... of V
+    stride_ob, stride_oh, stride_on, stride_od,  # ... of O
     H, N, D,  # heads, tokens, head dim (D <= BLOCK_D: the padding columns are masked)
     qk_scale,  # scale * log2(e): scores come out in base 2
     BLOCK_M: tl.constexpr,  # queries per program
@@ -77,10 +79,11 @@ def _attn_fwd_kernel(
 ):
     pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)  # int64: b * stride_qb overflows int32 at big B
+    qk_scale = tl.cast(qk_scale, tl.float32)  # under torch.compile a Python float arrives as fp64
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    O += pid_bh.to(tl.int64) * N * D
+    O += b * stride_ob + h * stride_oh
     LSE += pid_bh.to(tl.int64) * N
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's query rows
@@ -109,16 +112,17 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(O + offs_m[:, None] * D + offs_d[None, :], acc.to(O.dtype.element_ty), mask=mask_q)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, acc.to(O.dtype.element_ty), mask=mask_q)
     tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) / _LOG2E, mask=offs_m < N)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    O,  # (B, H, N, D) forward output, contiguous
+    O,  # (B, H, N, D) forward output, any strides
     DO,  # (B, H, N, D) gradient of the loss w.r.t. O, any strides
     DELTA,  # (B, H, N) fp32 output: delta_i = sum_d dO_id * O_id
-    stride_dob, stride_doh, stride_don, stride_dod,  # element strides of DO
+    stride_ob, stride_oh, stride_on, stride_od,  # element strides of O
+    stride_dob, stride_doh, stride_don, stride_dod,  # ... of DO
     H, N, D,  # heads, tokens, head dim
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # padded head dim
@@ -128,7 +132,8 @@ def _attn_bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    o = tl.load(O + pid_bh.to(tl.int64) * N * D + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    O += b * stride_ob + h * stride_oh
+    o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask, other=0.0)
     DO += b * stride_dob + h * stride_doh
     do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -154,6 +159,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # fp64 under torch.compile
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -210,6 +216,7 @@ def _attn_bwd_dq_kernel(
 ):
     pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # fp64 under torch.compile
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
@@ -286,12 +293,13 @@ def _tiles(D, dtype):
     return BLOCK_D, fwd, dkdv, dq
 
 
-def _buffer(out, shape, dtype, like):
-    """A contiguous output: the caller's (checked; the tests pre-fill them with NaN) or a new one."""
+def _buffer(out, shape, dtype, like, contiguous=True):
+    """An output buffer: the caller's (checked; the tests pre-fill them with NaN) or a new contiguous one."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=like.device)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"attention: output buffer {tuple(out.shape)} {out.dtype} must be contiguous {shape} {dtype}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or (contiguous and not out.is_contiguous()):
+        raise ValueError(f"attention: output buffer {tuple(out.shape)} {out.dtype} must be {shape} {dtype}"
+                         + (", contiguous" if contiguous else ""))
     return out
 
 
@@ -301,14 +309,18 @@ def _f32_dot(q):
 
 
 def _attn_forward(q, k, v, scale, o=None, lse=None):
-    """q, k, v (B, H, N, D), any strides -> o (B, H, N, D) in q's dtype, lse (B, H, N) fp32 (natural log)."""
+    """q, k, v (B, H, N, D), any strides -> o (B, H, N, D) in q's dtype, lse (B, H, N) fp32 (natural log).
+    o is a view of a (B, N, H, D) tensor unless the caller passes a buffer: o.transpose(1, 2).reshape(B, N, H * D),
+    the heads concatenated, is then free."""
     B, H, N, D = q.shape
-    o = _buffer(o, (B, H, N, D), q.dtype, q)
+    if o is None:
+        o = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    o = _buffer(o, (B, H, N, D), q.dtype, q, contiguous=False)
     lse = _buffer(lse, (B, H, N), torch.float32, q)
     BLOCK_D, (BLOCK_M, BLOCK_N, warps, stages), _, _ = _tiles(D, q.dtype)
     grid = (B * H, triton.cdiv(N, BLOCK_M))
     _attn_fwd_kernel[grid](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), H, N, D, scale * LOG2E,
+        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, N, D, scale * LOG2E,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, F32_DOT=_f32_dot(q), num_warps=warps, num_stages=stages)
     return o, lse
 
@@ -322,7 +334,7 @@ def _attn_backward(q, k, v, o, lse, do, scale, dq=None, dk=None, dv=None, delta=
     BLOCK_D, _, (M1, N1, warps1, stages1), (M2, N2, warps2, stages2) = _tiles(D, q.dtype)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _attn_bwd_delta_kernel[(B * H, triton.cdiv(N, 64))](  # one read of O and dO: any tile does, 64 rows
-        o, do, delta, *do.stride(), H, N, D, BLOCK_M=64, BLOCK_D=BLOCK_D)
+        o, do, delta, *o.stride(), *do.stride(), H, N, D, BLOCK_M=64, BLOCK_D=BLOCK_D)
     _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(N, N1))](
         q, k, v, do, lse, delta, dk, dv, *strides, H, N, D, scale * LOG2E, scale,
         BLOCK_M=M1, BLOCK_N=N1, BLOCK_D=BLOCK_D, F32_DOT=_f32_dot(q), num_warps=warps1, num_stages=stages1)
@@ -354,7 +366,8 @@ def attention(q, k, v, scale=None):
 
     q, k, v: (B, H, N, D), float32, float16 or bfloat16, one shape, dtype and device, any strides (e.g. the
     views of a single qkv projection), any N >= 1, D <= 128. scale: a float, default D ** -0.5.
-    Returns (B, H, N, D) in the input dtype; accumulation is in fp32. Runs the Triton kernels where
+    Returns (B, H, N, D) in the input dtype; accumulation is in fp32. The kernels return a view of a (B, N, H, D)
+    tensor, so that the heads' concatenation o.transpose(1, 2).reshape(B, N, H * D) is free. Runs the Triton kernels where
     kernels.use_triton(q) says so (CUDA, or the interpreter on CPU), otherwise attention_reference.
     """
     _check_inputs(q, k, v)

@@ -174,18 +174,19 @@ class DINOLoss(nn.Module):
         if n_student % self.ncrops != 0 or teacher_output.shape != (2 * (n_student // self.ncrops), K):
             raise ValueError(f"expected student_output (ncrops*B, K) with ncrops={self.ncrops} and teacher_output "
                              f"(2*B, K); got {tuple(student_output.shape)} and {tuple(teacher_output.shape)}")
+        B = n_student // self.ncrops
         # float32: the softmaxes of 65536 logits are where fp16 would lose precision
-        log_p_s = F.log_softmax(student_output.float() / self.student_temp, dim=-1).chunk(self.ncrops)
-        p_t = self.teacher_targets(teacher_output, epoch).chunk(2)
-        total, n_terms = 0.0, 0
-        for iq, q in enumerate(p_t):               # teacher sees the global views only
-            for v, log_p in enumerate(log_p_s):    # student sees every view
-                if v == iq:
-                    continue                       # same view for both networks: no signal, skip (x' != x)
-                total = total + torch.sum(-q * log_p, dim=-1).mean()  # H(P_t, P_s) averaged over the batch
-                n_terms += 1
+        log_p_s = F.log_softmax(student_output.float() / self.student_temp, dim=-1).view(self.ncrops, B, K)
+        q0, q1 = self.teacher_targets(teacher_output, epoch).chunk(2)  # the teacher sees the 2 global views only
+        # Sum of H(P_t(x), P_s(x')) over the pairs of *different* views (eq. 3; same view: no signal, skipped): the
+        # student's global view 0 meets teacher view 1, view 1 meets view 0, and every local view meets both, whose
+        # cross-entropies add up to one with the summed targets: -(q0 + q1) . log p. 2 * ncrops - 2 pairs in all,
+        # and no (B, K) temporary per pair kept for the backward.
+        total = -(q1 * log_p_s[0]).sum() - (q0 * log_p_s[1]).sum()
+        if self.ncrops > 2:
+            total = total - ((q0 + q1) * log_p_s[2:]).sum()
         self.update_center(teacher_output)
-        return total / n_terms
+        return total / (B * (2 * self.ncrops - 2))  # the mean over the batch and over the pairs
 
     @torch.no_grad()
     def update_center(self, teacher_output):

@@ -49,6 +49,18 @@ class ViTConfig:
             raise ValueError(f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (Ba et al. 2016) that runs in its input's dtype, also under autocast. Autocast would copy a bf16
+    input to fp32 first and keep that copy for the backward; PyTorch's kernel already computes the mean and variance
+    in fp32 whatever the input, so the copy buys nothing: without it a LayerNorm moves a third of the bytes and
+    keeps 2 instead of 4 bytes per value. The parameters stay fp32 (names and shapes as nn.LayerNorm's)."""
+
+    def forward(self, x):
+        """x (..., D) -> (..., D), x's dtype."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al. 2016): in training, drop a residual branch for a whole sample with
     probability `drop_prob` and scale the survivors by 1 / (1 - drop_prob) so the expectation is unchanged."""
@@ -137,10 +149,10 @@ class Block(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm1 = LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = LayerNorm(dim, eps=LN_EPS)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
     def forward(self, x):
@@ -169,7 +181,7 @@ class VisionTransformer(nn.Module):
         # stochastic depth grows linearly from 0 at the first block to drop_path_rate at the last (official code)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i]) for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.norm = LayerNorm(embed_dim, eps=LN_EPS)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         # initialisation of the official DINO code (the patch Conv2d keeps PyTorch's default there too)

@@ -85,8 +85,10 @@ def test_matches_float64_reference(dtype, B, H, N, D, sharp, strided, seed):
     scale = D ** -0.5 * (1.0 if sharp is None else sharp)
     nan = lambda *shape, dtype=dtype: torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)  # noqa: E731
 
-    # the kernels, writing into NaN-filled buffers: any element they skip stays NaN
-    o, lse = _attn_forward(q, k, v, scale, o=nan(B, H, N, D), lse=nan(B, H, N, dtype=torch.float32))
+    # the kernels, writing into NaN-filled buffers: any element they skip stays NaN; O contiguous, or in the token
+    # layout (B, N, H, D) that the ViT reads, as attention() allocates it
+    o = nan(B, N, H, D).transpose(1, 2) if strided else nan(B, H, N, D)
+    o, lse = _attn_forward(q, k, v, scale, o=o, lse=nan(B, H, N, dtype=torch.float32))
     dq, dk, dv = _attn_backward(q, k, v, o, lse, do, scale, dq=nan(B, H, N, D), dk=nan(B, H, N, D),
                                 dv=nan(B, H, N, D), delta=nan(B, H, N, dtype=torch.float32))
 
@@ -122,6 +124,7 @@ def test_autograd_path():
     expected = torch.stack(grads).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * H * D)  # (3, B, H, N, D) -> qkv layout
     assert torch.equal(o, o_ref)
     assert torch.equal(qkv.grad, expected)
+    assert o.transpose(1, 2).is_contiguous()  # token layout: the ViT's head concatenation is a view
 
 
 @pytest.mark.parametrize("mode, kernel_runs", [("reference", False), ("auto", True)])

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from minivit.vit import DropPath, VisionTransformer, ViTConfig, vit_base, vit_huge, vit_large, vit_small, vit_tiny
+from minivit.vit import DropPath, LayerNorm, VisionTransformer, ViTConfig, vit_base, vit_huge, vit_large, vit_small, vit_tiny
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")  # whole models: plain PyTorch path (see conftest)
 
@@ -315,6 +315,37 @@ def test_intermediate_layers_are_normed_block_outputs():
 
 
 # ---------------------------------------------------------------- stochastic depth
+
+def test_layer_norm_runs_in_the_input_dtype_under_autocast():
+    """fp32: exactly nn.LayerNorm. bf16 under autocast: a bf16 result within rounding of the fp32 one, and no fp32
+    copy of the input kept for the backward (what autocast's nn.LayerNorm keeps); gradients reach the fp32 weights."""
+    torch.manual_seed(0)
+    norm = LayerNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    plain = torch.nn.LayerNorm(64, eps=1e-6)
+    plain.load_state_dict(norm.state_dict())
+    x = torch.randn(4, 10, 64) * 3 + 1
+    assert torch.equal(norm(x), plain(x))
+
+    xb = x.to(torch.bfloat16).requires_grad_()
+    saved = []
+
+    def keep(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        y = norm(xb)
+    assert y.dtype == torch.bfloat16
+    exact = plain(xb.detach().float())
+    assert (y.float() - exact).abs().max() <= 2 ** -7 * exact.abs().max()  # one bf16 rounding of the output
+    assert (torch.float32, xb.numel()) not in saved and (torch.bfloat16, xb.numel()) in saved
+    y.float().sum().backward()
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
+    assert xb.grad.dtype == torch.bfloat16
+
 
 def test_drop_path():
     x = torch.randn(4000, 3, 5)
