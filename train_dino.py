@@ -140,6 +140,9 @@ def parse_args(argv=None):
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="autocast dtype;"
                    " auto: bf16 on GPUs that have it, else fp32. Patch-8 models were unstable in fp16 (the official"
                    " ones were trained in fp32); bf16 keeps fp32's range. bf16 also speeds up CPUs with AMX")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbones for the training step "
+                   "(GPU: ViT-S/16 1.26x more img/s after about a minute of compiling; README, Performance). Off by "
+                   "default: on a CPU the compiling takes longer than the offline run")
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, crops and drop path")
     g.add_argument("--log_every", type=int, default=10, help="print a progress line every this many steps")
     args = p.parse_known_args(argv)[0]
@@ -252,6 +255,9 @@ def main(argv=None):
     student, teacher = student.to(device), teacher.to(device)
     teacher.load_state_dict(student.state_dict())  # the teacher starts as the student and gets no gradients
     teacher.requires_grad_(False)
+    if args.compile:
+        student.compile_backbone()
+        teacher.compile_backbone()
     student_ddp = (nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                        else None) if info.distributed else student)
     training.seed_everything(args.seed, rank)  # from here each process draws its own drop-path masks

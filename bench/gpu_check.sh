@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU visit: the DINO step benchmark, the kernel tests compiled, the kernel and loader benchmarks, then the
 # torch.compile yardstick. Tables land in $OUT (default: ./out), each written as soon as it is done.
-# Usage (on the GPU machine, from the repository root):  bash bench/gpu_check.sh   (~8 min: run with timeout_s 600)
+# Usage (on the GPU machine, from the repository root):  bash bench/gpu_check.sh   (~9 min: run with timeout_s 600)
 # Most important first, each step under its own timeout, so that a slow step costs only itself.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -16,7 +16,9 @@ timeout 150 python3 -m pytest -q -n 8 --maxfail=5 tests/test_attention.py tests/
 # 3. Kernels against every SDPA backend and conv2d; 4. the input pipeline (decode + multi-crop on the GPU).
 timeout 70 python3 -m kernels.bench --out "$OUT/kernels.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
 timeout 60 python3 -m minivit.bench --only loader --out "$OUT/loader.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
-# 5. What fusing the elementwise ops around the GEMMs would be worth: both backbones under torch.compile.
-timeout 140 python3 -m minivit.bench --only dino --archs vit_s16 --compile --iters 5 --out "$OUT/dino_compile.md" \
+# 5. train_dino.py --compile: both backbones under torch.compile (inductor fuses LayerNorm, GELU, residual adds).
+timeout 200 python3 -m minivit.bench --only dino --builds ours --compile --iters 20 --out "$OUT/dino_compile.md" \
     2>&1 | tee -a "$OUT/log.txt" | tail -12
+# 6. The attention tiles, swept (how kernels/attention.py's _tiles were chosen).
+timeout 170 python3 bench/tune_attention.py 2>&1 | tee "$OUT/tune.md" | tail -14
 cat "$OUT/dino.md" "$OUT/kernels.md" "$OUT/loader.md" 2>/dev/null

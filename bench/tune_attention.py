@@ -27,13 +27,12 @@ SWEEP = {
 
 
 def main():
-    dtype, D = torch.bfloat16, 64
-    default = attn._tiles(D, dtype)  # BLOCK_D, fwd, dkdv, dq
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; current tiles fwd {default[1]}, "
-          f"dkdv {default[2]}, dq {default[3]}\n")
+    dtype = torch.bfloat16
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16\n")
     print("| kernel | (B, H, N, D) | current ms | best ms | best (BLOCK_M, BLOCK_N, warps, stages) | top 3 |")
     print("|---|---|---:|---:|---|---|")
     for B, H, N, D in ATTENTION_SHAPES:
+        default = _TILES(D, dtype, N)  # BLOCK_D, fwd, dkdv, dq: what kernels/attention.py runs now
         qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         do = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
@@ -44,7 +43,7 @@ def main():
             for cfg in configs:
                 tiles = list(default)
                 tiles[{"fwd": 1, "dkdv": 2, "dq": 3}[kernel]] = cfg
-                attn._tiles = lambda D_, dtype_, tiles=tuple(tiles): tiles  # noqa: E731
+                attn._tiles = lambda D_, dtype_, N_, tiles=tuple(tiles): tiles  # noqa: E731
                 if kernel == "fwd":
                     fn = lambda: attn._attn_forward(q, k, v, scale)  # noqa: E731
                 else:

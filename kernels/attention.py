@@ -275,13 +275,20 @@ def _check_inputs(q, k, v):
         raise ValueError(f"attention: head dim D={q.shape[-1]} > {MAX_HEAD_DIM} is not supported: use more heads")
 
 
-def _tiles(D, dtype):
+def _tiles(D, dtype, N):
     """BLOCK_D, then (BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, dK/dV and dQ kernels. Compiled
     with ptxas for sm_80 and sm_90: no register spills, at most 72 KB of shared memory (consumer GPUs have 99)."""
     BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16; D=80 (ViT-H) runs as 128, masked
     if dtype == torch.float32:
         # exact fp32 dots run on CUDA cores (FMA), operands in registers: with the fp16 tiles they spill
         return BLOCK_D, (64, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2)
+    if BLOCK_D <= 64:
+        # Measured on an H200, bf16, D = 64, by bench/tune_attention.py (its table is in bench/NOTES.md), the
+        # fastest of 16-24 tiles per kernel. Short sequences (DINO's 96 px crops: 37 and 145 tokens) want small
+        # tiles, which make more programs: at N = 37 the forward takes half the time of a 128-row tile.
+        if N <= 160:
+            return BLOCK_D, (64, 32, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)
+        return BLOCK_D, (128, 64, 8, 3), (32, 128, 4, 3), (128, 32, 8, 3)  # 197 and 785 tokens
     big = BLOCK_D > 64
     warps = 8 if big else 4  # 8 warps share the (BLOCK, 128) fp32 accumulators of D=80 and 128
     # forward: 128 queries share each k, v tile (half the K/V re-reads of 64); at D=128 that many rows spill
@@ -317,7 +324,7 @@ def _attn_forward(q, k, v, scale, o=None, lse=None):
         o = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     o = _buffer(o, (B, H, N, D), q.dtype, q, contiguous=False)
     lse = _buffer(lse, (B, H, N), torch.float32, q)
-    BLOCK_D, (BLOCK_M, BLOCK_N, warps, stages), _, _ = _tiles(D, q.dtype)
+    BLOCK_D, (BLOCK_M, BLOCK_N, warps, stages), _, _ = _tiles(D, q.dtype, N)
     grid = (B * H, triton.cdiv(N, BLOCK_M))
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, N, D, scale * LOG2E,
@@ -331,7 +338,7 @@ def _attn_backward(q, k, v, o, lse, do, scale, dq=None, dk=None, dv=None, delta=
     do = do.to(q.dtype)  # a no-op unless something upstream changed the dtype
     dq, dk, dv = (_buffer(t, (B, H, N, D), q.dtype, q) for t in (dq, dk, dv))
     delta = _buffer(delta, (B, H, N), torch.float32, q)
-    BLOCK_D, _, (M1, N1, warps1, stages1), (M2, N2, warps2, stages2) = _tiles(D, q.dtype)
+    BLOCK_D, _, (M1, N1, warps1, stages1), (M2, N2, warps2, stages2) = _tiles(D, q.dtype, N)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     _attn_bwd_delta_kernel[(B * H, triton.cdiv(N, 64))](  # one read of O and dO: any tile does, 64 rows
         o, do, delta, *o.stride(), *do.stride(), H, N, D, BLOCK_M=64, BLOCK_D=BLOCK_D)

@@ -206,6 +206,7 @@ class Plan:
     loader_batch: int
     workers: int
     archs: tuple = ("vit_s16", "vit_s8")  # the ViT and DINO rows
+    builds: tuple = ("ours", "plain")  # which builds to time (see the module docstring)
     compile: bool = False  # DINO: torch.compile the student's and teacher's backbones (inductor fuses LN, GELU, adds)
 
     @property
@@ -264,16 +265,17 @@ def _ours_vs_plain(plan, setup, *args):
     step is timed as written, then inside plain_pytorch_kernels() (same weights, same optimizer)."""
     made = guarded(setup, plan, *args)
     if isinstance(made, str):
-        return {"ours": made, "plain": made}
-    ours = guarded(measure, *made, plan.device, plan.warmup, plan.iters)
-    with plain_pytorch_kernels():
-        plain = guarded(measure, *made, plan.device, plan.warmup, plan.iters)
-    return {"ours": ours, "plain": plain}
+        return {build: made for build in plan.builds}
+    results = {}
+    for build in plan.builds:
+        with plain_pytorch_kernels() if build == "plain" else contextlib.nullcontext():
+            results[build] = guarded(measure, *made, plan.device, plan.warmup, plan.iters)
+    return results
 
 
 def _speedup(results):
     """plain time / ours time: above 1 means our kernels made the step faster."""
-    ours, plain = results["ours"], results["plain"]
+    ours, plain = results.get("ours"), results.get("plain")
     return f"{plain.median / ours.median:.2f}x" if isinstance(ours, Timing) and isinstance(plain, Timing) else "-"
 
 
@@ -365,9 +367,9 @@ def dino_step(plan, arch):
     student, teacher = network(0.1), network(0.0)  # DINO: drop path 0.1 in the student only
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    if plan.compile:  # in place: parameter names stay those of the plain modules (update_teacher pairs them by name)
-        for model in (student, teacher):
-            model.backbone.compile(dynamic=False)  # one static graph per crop size: 2 global, then 8 local
+    if plan.compile:  # as train_dino.py --compile
+        student.compile_backbone()
+        teacher.compile_backbone()
     dino_loss = DINOLoss(plan.out_dim, 2 + n_local, 0.04, 0.04, 0, 1).to(plan.device)
     optimizer = torch.optim.AdamW(param_groups(student, 0.04), lr=5e-4 * B / 256, fused=plan.device.type == "cuda")
     crops = [torch.empty(B, 3, plan.global_size, plan.global_size, device=plan.device) for _ in range(2)] + \
@@ -519,6 +521,7 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=None,
                         help="timed steps per row (default 10 on a GPU, 5 with --quick; 3 / 2 on a CPU)")
     parser.add_argument("--archs", default="vit_s16,vit_s8", help="the ViT and DINO rows: vit_s16, vit_s8 or both")
+    parser.add_argument("--builds", default="ours,plain", help="ours, plain or both (the ViT and DINO rows)")
     parser.add_argument("--compile", action="store_true",
                         help="DINO: torch.compile both backbones (compiles for minutes first; the yardstick of what "
                              "fusing LayerNorm, GELU and the residual adds around the GEMMs is worth)")
@@ -526,6 +529,9 @@ def main(argv=None):
     archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
     if not archs or set(archs) - {"vit_s16", "vit_s8"}:
         raise SystemExit(f"--archs {args.archs!r}: choose from vit_s16,vit_s8")
+    builds = tuple(b.strip() for b in args.builds.split(",") if b.strip())
+    if not builds or set(builds) - {"ours", "plain"}:
+        raise SystemExit(f"--builds {args.builds!r}: choose from ours,plain")
     if args.iters is not None and args.iters < 1:
         raise SystemExit(f"--iters {args.iters}: time at least 1 step")
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -539,7 +545,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     plan = make_plan(device, args.quick)
     plan.iters = args.iters or plan.iters
-    plan.archs, plan.compile = archs, args.compile
+    plan.archs, plan.builds, plan.compile = archs, builds, args.compile
     benches = {"vit": bench_vit, "resnet": bench_resnet, "dino": bench_dino, "loader": bench_loader}
     out = open(args.out, "w") if args.out else None
 

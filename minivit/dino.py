@@ -103,6 +103,17 @@ class MultiCropWrapper(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self._compiled_backbone = None  # set by compile_backbone(): a function, so state_dict keys do not change
+
+    def compile_backbone(self):
+        """Run the backbone under torch.compile in this wrapper's forward (the training step), one static graph per
+        crop resolution. Inductor fuses what surrounds the GEMMs (LayerNorm, GELU, drop path, residual adds) and
+        keeps the Triton kernels as they are: measured on an H200, ViT-S/16 DINO steps 1.26x faster (README). The
+        backbone called directly (k-NN, attention maps, any batch size) stays eager, so it never recompiles."""
+        # the 12 blocks differ in their drop path rate, a constant to dynamo: room for a graph per block and shape
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled_backbone = torch.compile(self.backbone.forward, dynamic=False)
+        return self
 
     def forward(self, crops):
         if torch.is_tensor(crops):
@@ -112,7 +123,7 @@ class MultiCropWrapper(nn.Module):
         ends = torch.cumsum(counts, dim=0).tolist()  # e.g. [2, 10]: crops[0:2] are 224 px, crops[2:10] 96 px
         features, start = [], 0
         for end in ends:
-            f = self.backbone(torch.cat(crops[start:end]))  # (sum of B_i in this group, D)
+            f = (self._compiled_backbone or self.backbone)(torch.cat(crops[start:end]))  # (sum of B_i here, D)
             if f.ndim != 2:
                 raise ValueError(f"backbone returned shape {tuple(f.shape)}, expected (B, D) features: "
                                  "build it with num_classes=0")

@@ -135,6 +135,40 @@ def test_multicrop_groups_by_resolution_and_matches_crop_by_crop():
     torch.testing.assert_close(out, one_by_one)
 
 
+def test_compiled_backbone_matches_eager_and_keeps_the_state_dict(reference_kernels):
+    """compile_backbone(): the wrapper's forward runs the backbone through torch.compile (a graph is built), with
+    the eager results and gradients; the parameter names do not change, and the backbone called directly stays
+    eager. A 2-block ViT with drop path (a rate per block) in eval mode, so that both runs are deterministic."""
+    from torch._dynamo.utils import counters
+
+    from minivit.vit import VisionTransformer
+    torch.manual_seed(0)
+    backbone = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.1)
+    model = MultiCropWrapper(backbone, DINOHead(32, 64, hidden_dim=32, bottleneck_dim=16)).eval()
+    crops = [torch.randn(2, 3, 16, 16) for _ in range(3)]  # one resolution: one graph to compile (~30 s on CPU)
+    keys = list(model.state_dict())
+    eager = model(crops)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    model.compile_backbone()
+    compiled = model(crops)
+    compiled.square().sum().backward()
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo did compile the backbone
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(eager_grads) > 10
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    model.backbone(torch.randn(3, 3, 24, 24))  # another batch and size, called directly: no new graph
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_multicrop_groups_only_consecutive_crops_of_equal_height_and_width():
     model = tiny_dino()
     crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16), torch.randn(2, 3, 32, 32),
