@@ -179,7 +179,7 @@ DW_PROGRAMS_PER_SM = 4  # dW has only (D/64)*(K/64) tiles (72 for ViT-S/16): spl
 
 
 def _blocks(kernel, *sizes):
-    caps = BLOCKS[kernel][interpreter_on()]
+    caps = BLOCKS[kernel][int(interpreter_on())]  # int: torch.compile (dynamo) refuses a bool index
     return tuple(min(cap, max(16, triton.next_power_of_2(size))) for cap, size in zip(caps, sizes))
 
 

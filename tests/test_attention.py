@@ -163,3 +163,10 @@ def _inputs(shape=(1, 2, 5, 16), dtype=torch.float32):
 def test_bad_input(make, message):
     with pytest.raises(ValueError, match=message):
         attention(*make())
+
+
+def test_tile_choice_traces_under_torch_compile():
+    """train_dino.py --compile traces the launcher with dynamo: the tile choice must trace as one graph."""
+    traced = torch.compile(lambda *a: attention_module._tiles(*a), fullgraph=True, backend="eager")
+    for N in (37, 197):
+        assert traced(64, torch.bfloat16, N) == attention_module._tiles(64, torch.bfloat16, N)

@@ -9,6 +9,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from kernels import patch_embed as patch_embed_module
 from kernels import use_triton
 from kernels.patch_embed import (_dw_split, patch_embed, patch_embed_reference, patch_embed_tokens,
                                  patch_embed_tokens_reference)
@@ -160,3 +161,13 @@ def test_float64_is_refused_by_the_kernels():
     assert use_triton(x)
     with pytest.raises(ValueError, match="MINIVIT_KERNELS=reference"):
         patch_embed(x, w, None)
+
+
+def test_launch_helpers_trace_under_torch_compile():
+    """train_dino.py --compile traces the launchers with dynamo: their Python (tile choice, split of dW) must give
+    one graph, no break. Triton 3.6 + torch 2.11 broke on indexing a tuple with a bool (BLOCKS[...][True])."""
+    for fn, args in [(patch_embed_module._blocks, ("fwd", 50176, 384, 768)),
+                     (patch_embed_module._launch_options, (torch.bfloat16, 128 * 128)),
+                     (patch_embed_module._dw_split, (50176, 384, 768, torch.device("cpu")))]:
+        traced = torch.compile(lambda *a, fn=fn: fn(*a), fullgraph=True, backend="eager")
+        assert traced(*args) == fn(*args)
