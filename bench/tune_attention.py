@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from kernels import attention as attn  # noqa: E402
 from kernels.bench import ATTENTION_SHAPES  # noqa: E402
 
+_TILES = attn._tiles  # the tile choice the sweep patches over and restores after each kernel
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, all powers of two >= 16 (tl.dot's smallest tile)
 SWEEP = {
     "fwd": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))),
@@ -59,8 +61,6 @@ def main():
             print(f"| {kernel} | {(B, H, N, D)} | {times.get(current, float('nan')):.3f} | {times[ranked[0]]:.3f} "
                   f"| {ranked[0]} | {top} |", flush=True)
 
-
-_TILES = attn._tiles
 
 if __name__ == "__main__":
     main()
