@@ -141,8 +141,8 @@ def parse_args(argv=None):
                    " auto: bf16 on GPUs that have it, else fp32. Patch-8 models were unstable in fp16 (the official"
                    " ones were trained in fp32); bf16 keeps fp32's range. bf16 also speeds up CPUs with AMX")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbones for the training step "
-                   "(GPU: ViT-S/16 1.26x more img/s after about a minute of compiling; README, Kernels and performance). Off by "
-                   "default: on a CPU the compiling takes longer than the offline run")
+                   "(GPU: ViT-S/16 1.26x more img/s after about a minute of compiling; README, Kernels and "
+                   "performance). Off by default: on a CPU the compiling takes longer than the offline run")
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, crops and drop path")
     g.add_argument("--log_every", type=int, default=10, help="print a progress line every this many steps")
     args = p.parse_known_args(argv)[0]

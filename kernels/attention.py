@@ -374,8 +374,8 @@ def attention(q, k, v, scale=None):
     q, k, v: (B, H, N, D), float32, float16 or bfloat16, one shape, dtype and device, any strides (e.g. the
     views of a single qkv projection), any N >= 1, D <= 128. scale: a float, default D ** -0.5.
     Returns (B, H, N, D) in the input dtype; accumulation is in fp32. The kernels return a view of a (B, N, H, D)
-    tensor, so that the heads' concatenation o.transpose(1, 2).reshape(B, N, H * D) is free. Runs the Triton kernels where
-    kernels.use_triton(q) says so (CUDA, or the interpreter on CPU), otherwise attention_reference.
+    tensor, so that the heads' concatenation o.transpose(1, 2).reshape(B, N, H * D) is free. Runs the Triton
+    kernels where kernels.use_triton(q) says so (CUDA, or the interpreter on CPU), otherwise attention_reference.
     """
     _check_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

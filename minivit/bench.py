@@ -509,6 +509,14 @@ def header(plan, argv):
             "TFLOP/s = model FLOPs (backward = 2x forward) x img/s", ""]
 
 
+def _subset(flag, value, allowed):
+    """A comma-separated flag value -> tuple of names, each one of `allowed`; SystemExit names the flag otherwise."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names or set(names) - set(allowed):
+        raise SystemExit(f"{flag} {value!r}: choose from {','.join(allowed)}")
+    return names
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -526,17 +534,11 @@ def main(argv=None):
                         help="DINO: torch.compile both backbones (compiles for minutes first; the yardstick of what "
                              "fusing LayerNorm, GELU and the residual adds around the GEMMs is worth)")
     args = parser.parse_args(argv)
-    archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
-    if not archs or set(archs) - {"vit_s16", "vit_s8"}:
-        raise SystemExit(f"--archs {args.archs!r}: choose from vit_s16,vit_s8")
-    builds = tuple(b.strip() for b in args.builds.split(",") if b.strip())
-    if not builds or set(builds) - {"ours", "plain"}:
-        raise SystemExit(f"--builds {args.builds!r}: choose from ours,plain")
+    archs = _subset("--archs", args.archs, ("vit_s16", "vit_s8"))
+    builds = _subset("--builds", args.builds, ("ours", "plain"))
     if args.iters is not None and args.iters < 1:
         raise SystemExit(f"--iters {args.iters}: time at least 1 step")
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
-    if not only or set(only) - set(SECTIONS):
-        raise SystemExit(f"--only {args.only!r}: choose from {','.join(SECTIONS)}")
+    only = _subset("--only", args.only, SECTIONS)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cpu" and interpreter_on():

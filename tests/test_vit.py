@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from minivit.vit import DropPath, LayerNorm, VisionTransformer, ViTConfig, vit_base, vit_huge, vit_large, vit_small, vit_tiny
+from minivit.vit import (DropPath, LayerNorm, VisionTransformer, ViTConfig, vit_base, vit_huge, vit_large, vit_small,
+                         vit_tiny)
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")  # whole models: plain PyTorch path (see conftest)
 
