@@ -33,14 +33,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from minivit import training
+from minivit import cli, training
 from minivit.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure
 from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropAugment
 from minivit.data import ShapesDataset, build_dataset, build_loader, describe
 from minivit.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer, clip_gradients,
                           update_teacher)
 from minivit.knn import knn_eval
-from minivit.models import ARCHS, arch_family, build_model
+from minivit.models import ARCHS, arch_family, build_model, patch_size
 
 # Offline defaults (no --data): ImageNet's 224/96 px crops, 65536 prototypes and 100 epochs do not fit ~10 minutes
 # of a 2-core CPU. Shapes (64 px, minivit/data.py) are cut into 32 px global and 16 px local crops (4x4 and 2x2
@@ -54,8 +54,8 @@ KNN_SHAPES = {"train": 1000, "test": 500}  # the offline k-NN uses the first ima
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DINO self-supervised training (Caron et al. 2021)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description="DINO self-supervised training (Caron et al. 2021)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_s16", help=f"one of {', '.join(ARCHS)}. Patch 8 gives better features "
                    "and attention maps for ~4x the compute (ViT-S/8 k-NN 78.3 vs 74.5 for /16 on ImageNet)")
@@ -148,7 +148,16 @@ def parse_args(argv=None):
     args = p.parse_known_args(argv)[0]
     if args.data is None:  # offline: the OFFLINE values become the defaults; flags given still win
         p.set_defaults(**OFFLINE)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_args(p, args,  # every number that makes no sense stops here, in one line, before anything is written
+                   positive=("out_dim", "global_crop_size", "local_crop_size", "epochs", "batch_size_per_gpu", "lr",
+                             "warmup_teacher_temp", "teacher_temp", "log_every"),
+                   non_negative=("warmup_teacher_temp_epochs", "local_crops_number", "iters_per_epoch", "min_lr",
+                                 "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "freeze_last_layer",
+                                 "eval_every", "saveckp_freq", "num_workers"),
+                   probability=("drop_path_rate", "momentum_teacher"),
+                   ordered=("global_crops_scale", "local_crops_scale"))
+    return args
 
 
 def step_seed(*numbers):
@@ -189,6 +198,13 @@ def main(argv=None):
     offline = args.data is None
     try:
         family = arch_family(args.arch)
+        patch = patch_size(args.arch)
+        for name in ("global_crop_size", "local_crop_size"):
+            if getattr(args, name) % patch:
+                raise ValueError(f"--{name} {getattr(args, name)} is not a multiple of {args.arch}'s patch size "
+                                 f"{patch}; e.g. --{name} {max(patch, getattr(args, name) // patch * patch)}")
+        if family == "vit" and args.drop_path_rate >= 1:
+            raise ValueError(f"--drop_path_rate {args.drop_path_rate} would drop every block: use a value below 1")
         info = training.setup_distributed(args.device)
         train_set = build_dataset(args.data, "train")
         if args.knn_data == "none":
@@ -205,6 +221,7 @@ def main(argv=None):
                 training.print0(f"note: no k-NN evaluation ({e}); pass --knn_data with train/ and val/")
         precision = training.resolve_precision(args.precision, info.device)
         out = training.make_output_dir(args.output_dir)
+        training.lock_output_dir(out)  # a second run on the same folder stops here
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     device, rank, world = info.device, info.rank, info.world_size
@@ -241,17 +258,12 @@ def main(argv=None):
         teacher = build_model(args.arch, img_size=args.global_crop_size)
     else:
         student, teacher = build_model(args.arch), build_model(args.arch)
-    embed_dim, patch = student.num_features, getattr(student, "patch_size", 1)
-    for name in ("global_crop_size", "local_crop_size"):
-        if getattr(args, name) % patch:
-            raise SystemExit(f"error: --{name} {getattr(args, name)} is not a multiple of {args.arch}'s patch size "
-                             f"{patch}")
+    embed_dim = student.num_features
     student = MultiCropWrapper(student, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head,
                                                       norm_last_layer=args.norm_last_layer))
     teacher = MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head))
-    if info.distributed and device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in student.modules()):
-        # ResNets: batch statistics over the global batch, as the official code (SyncBN needs GPUs)
-        student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
+    # any BatchNorm (a ResNet's, the head's with --use_bn_in_head): statistics over the global batch, as official
+    student, teacher = training.sync_batchnorm(student, info), training.sync_batchnorm(teacher, info)
     student, teacher = student.to(device), teacher.to(device)
     teacher.load_state_dict(student.state_dict())  # the teacher starts as the student and gets no gradients
     teacher.requires_grad_(False)
@@ -294,6 +306,7 @@ def main(argv=None):
         if not training.set_rng_state(state["rng"]):
             training.print0(f"note: saved by {len(state['rng'])} processes, now {world}: fresh random streams")
         training.print0(f"resumed {ckpt_path} at epoch {start_epoch}")
+        training.trim_log(out / "log.jsonl", start_epoch)  # killed after logging an epoch but before saving it
 
     if family == "vit":  # fixed images for the attention maps, and the objects' masks for a Jaccard index (shapes)
         att_set = knn_sets[1] if knn_sets else train_set

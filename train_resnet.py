@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minivit import training
+from minivit import cli, training
 from minivit.augment import EvalTransform, SupervisedAugment
 from minivit.data import build_dataset, build_loader, describe
 from minivit.models import arch_family, build_model, load_pretrained
-from minivit.supervised import cli_errors, evaluate, resume, subset, train_one_epoch, write_results
+from minivit.supervised import check_flags, evaluate, resume, subset, train_one_epoch, write_results
 
 KIND = "resnet"  # the checkpoint's kind: the other script refuses to resume it
 # the recipe for ImageNet folders: torchvision's classic one (SGD 0.1 per 256 images, momentum 0.9, wd 1e-4), with
@@ -35,7 +35,7 @@ OFFLINE = dict(data="digits", arch="resnet18", small_stem=True, image_size=16, l
 # flags that shape the model: a resumed run must pass the same
 RESUME_MUST_MATCH = ("small_stem", "data")
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = parser.add_argument_group("model")
 g.add_argument("--arch", default=None, help="a ResNet of minivit.models.ARCHS; default resnet50 (25.6M), resnet18 "
                "offline. resnet18/34 for quick baselines, resnet101/152 for more accuracy at 2-3x the cost")
@@ -97,6 +97,7 @@ g.add_argument("--eval_every", type=int, default=1, help="evaluate every this ma
 g.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cut each epoch to this many steps")
 g.add_argument("--stop_after", type=int, default=None, help="stop after this many epochs of this job, keeping the "
                "schedule of --epochs; for clusters with a time limit: run again with --resume")
+cli.add_trust_pickle(parser)
 args = parser.parse_args()
 
 # -------------------------------------------------------------------------------------------------------- setup
@@ -107,18 +108,20 @@ for k, v in applied.items():
 if recipe is OFFLINE and applied:
     flags = (f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}" for k, v in applied.items())
     training.print0(f"offline defaults: {' '.join(flags)}")
-with cli_errors():  # bad flags, folders and files end here with a one-line error
+check_flags(parser, args, probability=("momentum",))  # nonsense numbers stop here
+with cli.errors():  # bad flags, folders and files end here with a one-line error
     if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
         raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
     info = training.setup_distributed(args.device)
     precision = training.resolve_precision(args.precision, info.device)
     out = training.make_output_dir(args.output_dir)
+    training.lock_output_dir(out)  # a second run on the same folder stops here
     seed = training.seed_everything(args.seed, info.rank)
     generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint
 training.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
 
 # ------------------------------------------------------------------------------- data, model, optimizer, schedules
-with cli_errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
+with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
     train_set = subset(build_dataset(args.data, "train", args.load_size), args.train_fraction, args.seed)
     test_set = build_dataset(args.data, "test", args.load_size)
     training.print0(f"train {describe(train_set)}\ntest  {describe(test_set)}")
@@ -134,7 +137,7 @@ with cli_errors():  # a missing folder, a batch larger than the data set, weight
     model = build_model(args.arch, num_classes=train_set.num_classes, small_stem=args.small_stem,
                         zero_init_residual=args.zero_init_residual)
     if args.pretrained:
-        training.print0(f"pretrained {args.pretrained}: {load_pretrained(model, args.pretrained)}")
+        training.print0(f"pretrained {args.pretrained}: {load_pretrained(model, args.pretrained, args.trust_pickle)}")
     # channels_last: cuDNN's fastest convolutions (tensor cores) want NHWC; on the CPU it does not pay
     memory_format = torch.channels_last if info.device_type == "cuda" else torch.contiguous_format
     if args.sync_bn and info.distributed:
@@ -157,6 +160,7 @@ ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
 start_epoch = 0
 if args.resume:
     start_epoch = resume(ckpt_path, KIND, args, RESUME_MUST_MATCH, raw_model, optimizer, scaler, generator)
+    training.trim_log(log_path, start_epoch)  # a run killed after logging an epoch but before saving it
 elif info.is_main and log_path.exists():
     log_path.unlink()  # a fresh run starts a fresh log
 model = DistributedDataParallel(raw_model) if info.distributed else raw_model

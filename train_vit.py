@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minivit import training
+from minivit import cli, training
 from minivit.augment import EvalTransform, SupervisedAugment
 from minivit.data import build_dataset, build_loader, describe
 from minivit.models import arch_family, build_model, load_pretrained
-from minivit.supervised import cli_errors, evaluate, resume, subset, train_one_epoch, write_results
+from minivit.supervised import check_flags, evaluate, resume, subset, train_one_epoch, write_results
 
 KIND = "vit"  # the checkpoint's kind: the other script refuses to resume it
 # the recipe for ImageNet folders: DeiT (Touvron et al. 2021) without RandAugment and random erasing
@@ -34,7 +34,7 @@ OFFLINE = dict(data="digits", arch="vit_ti16", patch_size=4, image_size=16, load
 # flags that shape the model: a resumed run must pass the same
 RESUME_MUST_MATCH = ("patch_size", "image_size", "data")
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 g = parser.add_argument_group("model")
 g.add_argument("--arch", default=None, help="a ViT of minivit.models.ARCHS; default vit_s16 (DeiT-S, 22M), "
                "vit_ti16 offline. vit_b16 for the paper's ViT-B (~4x the compute of S)")
@@ -91,6 +91,7 @@ g.add_argument("--eval_every", type=int, default=1, help="evaluate every this ma
 g.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cut each epoch to this many steps")
 g.add_argument("--stop_after", type=int, default=None, help="stop after this many epochs of this job, keeping the "
                "schedule of --epochs; for clusters with a time limit: run again with --resume")
+cli.add_trust_pickle(parser)
 args = parser.parse_args()
 
 # -------------------------------------------------------------------------------------------------------- setup
@@ -101,18 +102,20 @@ for k, v in applied.items():
 if recipe is OFFLINE and applied:
     flags = (f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}" for k, v in applied.items())
     training.print0(f"offline defaults: {' '.join(flags)}")
-with cli_errors():  # bad flags, folders and files end here with a one-line error
+check_flags(parser, args, positive=("patch_size",), probability=("drop_path",))  # nonsense numbers stop here
+with cli.errors():  # bad flags, folders and files end here with a one-line error
     if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
         raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
     info = training.setup_distributed(args.device)
     precision = training.resolve_precision(args.precision, info.device)
     out = training.make_output_dir(args.output_dir)
+    training.lock_output_dir(out)  # a second run on the same folder stops here
     seed = training.seed_everything(args.seed, info.rank)
     generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint
 training.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
 
 # ------------------------------------------------------------------------------- data, model, optimizer, schedules
-with cli_errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
+with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
     train_set = subset(build_dataset(args.data, "train", args.load_size), args.train_fraction, args.seed)
     test_set = build_dataset(args.data, "test", args.load_size)
     training.print0(f"train {describe(train_set)}\ntest  {describe(test_set)}")
@@ -129,7 +132,7 @@ with cli_errors():  # a missing folder, a batch larger than the data set, weight
     model = build_model(args.arch, num_classes=train_set.num_classes, img_size=args.image_size,
                         drop_path_rate=args.drop_path, **patch)
     if args.pretrained:
-        training.print0(f"pretrained {args.pretrained}: {load_pretrained(model, args.pretrained)}")
+        training.print0(f"pretrained {args.pretrained}: {load_pretrained(model, args.pretrained, args.trust_pickle)}")
     memory_format = torch.contiguous_format
     raw_model = model.to(info.device)  # the plain module: saved, loaded and evaluated
 
@@ -146,6 +149,7 @@ ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
 start_epoch = 0
 if args.resume:
     start_epoch = resume(ckpt_path, KIND, args, RESUME_MUST_MATCH, raw_model, optimizer, scaler, generator)
+    training.trim_log(log_path, start_epoch)  # a run killed after logging an epoch but before saving it
 elif info.is_main and log_path.exists():
     log_path.unlink()  # a fresh run starts a fresh log
 model = DistributedDataParallel(raw_model) if info.distributed else raw_model

@@ -6,10 +6,11 @@ patch size (nearest), and thresholded to keep the most-attended patches holding 
 
     python -m minivit.attention_maps --arch vit_s8 --weights dino_deitsmall8_pretrain.pth --image photo.jpg
 """
-import argparse
 import os
 
 import torch
+
+from minivit import cli, training
 
 
 @torch.no_grad()
@@ -89,11 +90,16 @@ def save_attention_figure(image, attn, masks, path, mass=0.6):
 
 def load_image(path, image_size, patch_size):
     """Read an image file -> (3, H, W) float in [0, 1]: shorter side resized to image_size (bicubic), then
-    centre-cropped so that H and W are multiples of the patch size."""
-    from PIL import Image
+    centre-cropped so that H and W are multiples of the patch size. A file Pillow cannot read -> ValueError."""
+    from PIL import Image, UnidentifiedImageError
     import numpy as np
 
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+        im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path} is not an image Pillow can read ({type(e).__name__}); pass JPEG or PNG files")
+    with im:
         im = im.convert("RGB")
         scale = image_size / min(im.size)
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
@@ -106,7 +112,7 @@ def load_image(path, image_size, patch_size):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Save the CLS self-attention maps of a ViT (DINO Fig. 1 and 3)")
+    parser = cli.ArgumentParser(description="Save the CLS self-attention maps of a ViT (DINO Fig. 1 and 3)")
     parser.add_argument("--arch", default="vit_s8", help="a ViT from minivit.models.ARCHS; patch 8 gives the "
                         "sharpest maps (the paper's figures use ViT-S/8)")
     parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = "
@@ -119,22 +125,28 @@ def main(argv=None):
     parser.add_argument("--mass", type=float, default=0.6, help="attention mass kept in the masks (DINO: 0.6)")
     parser.add_argument("--output_dir", default="attention_maps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_trust_pickle(parser)
     args = parser.parse_args(argv)
+    cli.check_args(parser, args, positive=("image_size", "patch_size"), fraction=("mass",))
 
     from minivit.augment import normalize
     from minivit.knn import load_backbone
 
     if not args.arch.startswith("vit_"):
-        raise SystemExit(f"--arch {args.arch} has no self-attention: pick a ViT (vit_s8, vit_s16, vit_b8, ...)")
-    model = load_backbone(args.arch, args.weights, args.patch_size)
-    model.to(args.device).requires_grad_(False).eval()
-    os.makedirs(args.output_dir, exist_ok=True)
+        cli.fail(f"--arch {args.arch} has no self-attention: pick a ViT (vit_s8, vit_s16, vit_b8, ...)")
+    for path in args.image:  # before building anything
+        if not os.path.isfile(path):
+            cli.fail(f"--image {path}: no such file; check the path")
+    with cli.errors():
+        device = training.pick_device(args.device)
+        training.make_output_dir(args.output_dir)
+    model = load_backbone(args.arch, args.weights, args.patch_size, trust_pickle=args.trust_pickle)
+    model.to(device).requires_grad_(False).eval()
     written = []
     for path in args.image:
-        if not os.path.isfile(path):
-            raise SystemExit(f"--image {path}: no such file")
-        image = load_image(path, args.image_size, model.patch_size)              # (3, H, W) in [0, 1]
-        batch = normalize(image[None].to(args.device))                           # (1, 3, H, W)
+        with cli.errors():
+            image = load_image(path, args.image_size, model.patch_size)          # (3, H, W) in [0, 1]
+        batch = normalize(image[None].to(device))                                # (1, 3, H, W)
         attn = cls_attention_maps(model, batch)[0].cpu()                        # (heads, h, w)
         masks = mass_threshold_masks(attn, args.mass)
         stem = os.path.splitext(os.path.basename(path))[0]

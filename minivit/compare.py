@@ -15,14 +15,16 @@ same number of optimizer steps and only the amount of distinct data changes; --b
 so gives small fractions fewer steps too. Both models get the same --epochs. Writes report.md, compare.json and
 data_fraction.png to --output_dir, next to one folder per run (e.g. vit_f0.1/ with its checkpoint and results.json).
 """
-import argparse
 import json
 import os
 import shlex
 import subprocess
 import sys
 
+from minivit import cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 MODELS = ("vit", "resnet")
 NEEDED = ("arch", "test_top1", "train_images_per_s", "params", "epochs", "train_fraction")  # in each results.json
 
@@ -48,14 +50,18 @@ def train_command(script, data, fraction, epochs, output_dir, extra=()):
 
 
 def read_results(path):
-    """A training script's results.json -> dict; SystemExit naming the file if it is missing or incomplete."""
+    """A training script's results.json -> dict; a one-line error exit naming the file if it is missing, not JSON
+    or incomplete (JSON only: nothing in it is run)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"{path} is missing: train that run (drop --load) or point --output_dir at the runs")
-    with open(path) as f:
-        results = json.load(f)
-    missing = [k for k in NEEDED if k not in results]
+        cli.fail(f"{path} is missing: train that run (drop --load) or point --output_dir at the runs")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cli.fail(f"{path} is not valid JSON ({e}); delete it and train that run again (drop --load)")
+    missing = [k for k in NEEDED if k not in results] if isinstance(results, dict) else list(NEEDED)
     if missing:
-        raise SystemExit(f"{path} lacks {', '.join(missing)}: was it written by train_vit.py / train_resnet.py?")
+        cli.fail(f"{path} lacks {', '.join(missing)}: was it written by train_vit.py / train_resnet.py?")
     return results
 
 
@@ -101,7 +107,7 @@ def plot_fraction(rows, path, title=""):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train (or load) a ViT and a ResNet on fractions of the same data "
+    parser = cli.ArgumentParser(description="Train (or load) a ViT and a ResNet on fractions of the same data "
                                      "and report accuracy, speed and size (ViT paper sec. 4.3)")
     parser.add_argument("--data", default="digits", help="'digits' (offline, the training scripts' CPU recipe), "
                         "an ImageNet-style or a CIFAR folder; passed to both scripts")
@@ -121,25 +127,28 @@ def main(argv=None):
     parser.add_argument("--load", action="store_true", help="do not train: read the results.json of earlier runs")
     parser.add_argument("--output_dir", default="runs/compare")
     args = parser.parse_args(argv)
-
-    if not all(0 < f <= 1 for f in args.fractions):
-        raise SystemExit(f"--fractions {args.fractions}: each must be in (0, 1]")
-    if args.epochs < 1:
-        raise SystemExit(f"--epochs {args.epochs}: train for at least one epoch")
-    scripts = {"vit": (args.vit_script, args.vit_args), "resnet": (args.resnet_script, args.resnet_args)}
+    cli.check_args(parser, args, positive=("epochs",))
+    for fraction in args.fractions:
+        if not 0 < fraction <= 1:
+            cli.fail(f"--fractions {fraction}: each fraction must lie in (0, 1]; e.g. --fractions 0.1 0.3 1")
+    try:
+        common, extra_args = shlex.split(args.common_args), {m: shlex.split(getattr(args, f"{m}_args")) for m in MODELS}
+    except ValueError as e:  # an unclosed quote
+        cli.fail(f"--common_args / --vit_args / --resnet_args: {e}; quote each flag list as one string")
+    scripts = {"vit": args.vit_script, "resnet": args.resnet_script}
     rows = []
     for fraction in sorted(set(args.fractions)):
         for model in MODELS:
             out = run_dir(args.output_dir, model, fraction)
             if not args.load:
-                script, extra = scripts[model]
+                script = scripts[model]
                 if not os.path.isfile(script):
-                    raise SystemExit(f"--{model}_script {script}: no such file")
+                    cli.fail(f"--{model}_script {script}: no such file")
                 command = train_command(script, args.data, fraction, epochs_for(fraction, args.epochs, args.budget),
-                                        out, shlex.split(args.common_args) + shlex.split(extra))
+                                        out, common + extra_args[model])
                 print("$ " + shlex.join(command), flush=True)
                 if subprocess.run(command).returncode != 0:
-                    raise SystemExit(f"{os.path.basename(script)} failed on {fraction:g} of the data (command above); "
+                    cli.fail(f"{os.path.basename(script)} failed on {fraction:g} of the data (command above); "
                                      f"fix it, or rerun with --load once its results.json exists")
             rows.append({"model": model, **read_results(os.path.join(out, "results.json"))})
 

@@ -16,7 +16,6 @@ output patch tokens. (The paper also learns a PCA whitening on 20k distractors; 
 its train split for the distractors; any other folder of images is shuffled and split into the two.
 Writes report.md, results.json and one PNG per model (queries with their top matches) to --output_dir.
 """
-import argparse
 import io
 import json
 import os
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
+from minivit import cli, training
 from minivit.segmentation import build_backbones, parse_weights
 
 
@@ -264,7 +264,7 @@ def write_report(out, results, setup):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Copy detection with frozen features (Copydays protocol, small)")
+    parser = cli.ArgumentParser(description="Copy detection with frozen features (Copydays protocol, small)")
     parser.add_argument("--arch", default="vit_s8", help="from minivit.models.ARCHS, shared by all --weights")
     parser.add_argument("--weights", nargs="+", default=["random=none"], help="label=PATH or label=none (random "
                         "init); several for a side-by-side table, e.g. dino=... supervised=... random=none")
@@ -279,22 +279,27 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--output_dir", default="runs/copydetect")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_trust_pickle(parser)
     args = parser.parse_args(argv)
+    cli.check_args(parser, args, positive=("patch_size", "image_size", "num_originals", "batch_size"),
+                   non_negative=("num_distractors", "seed"))
 
+    with cli.errors():
+        device = training.pick_device(args.device)
+        training.make_output_dir(args.output_dir)
     image_size = args.image_size or {"shapes": 64, "digits": 32}.get(args.data, 224)
-    models = build_backbones(args.arch, parse_weights(args.weights), args.device, img_size=image_size,
+    models = build_backbones(args.arch, parse_weights(args.weights), device, args.trust_pickle, img_size=image_size,
                              patch_size=args.patch_size)
     patch = getattr(next(iter(models.values())), "patch_size", 1)
     if image_size % patch:
-        raise SystemExit(f"--image_size {image_size} is not a multiple of the patch size {patch}")
+        cli.fail(f"--image_size {image_size} is not a multiple of the patch size {patch}; pick a multiple")
     try:
         originals, distractors = load_images(args.data, image_size, args.num_originals, args.num_distractors,
                                              args.seed)
     except (ValueError, OSError) as e:
-        raise SystemExit(str(e)) from None
+        cli.fail(str(e))
     results, rankings, queries, names, database = evaluate(models, originals, distractors, args.edits, args.seed,
-                                                           args.device, args.batch_size)
-    os.makedirs(args.output_dir, exist_ok=True)
+                                                           device, args.batch_size)
     setup = {"data": args.data, "image_size": image_size, "arch": args.arch, "queries": len(queries),
              "originals": len(originals), "distractors": len(distractors), "edits": args.edits, "seed": args.seed,
              "weights": dict(parse_weights(args.weights))}

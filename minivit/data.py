@@ -188,9 +188,30 @@ def _find_cifar(root):
     return None
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what the official CIFAR files hold (dicts, lists, bytes, numpy arrays) and refuses any other
+    global, so that a doctored batch file cannot run code."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: CIFAR files hold only arrays, lists and bytes")
+        if name == "_reconstruct":  # numpy 1 and 2 name the module differently
+            return np.ndarray.__reduce__(np.zeros(1))[0]
+        return super().find_class(module, name)
+
+
 def _unpickle(path):
-    with open(path, "rb") as f:
-        entries = pickle.load(f, encoding="bytes")  # the official files are Python 2 pickles with bytes keys
+    """One official CIFAR "python version" file -> dict with str keys; ValueError if it is not one."""
+    try:
+        with open(path, "rb") as f:  # the official files are Python 2 pickles with bytes keys
+            entries = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+        raise ValueError(f"{path} is not an official CIFAR python file ({e}); download cifar-10-python.tar.gz "
+                         "again") from None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path} holds a {type(entries).__name__}, not the dict of a CIFAR python file")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in entries.items()}
 
 
@@ -230,13 +251,17 @@ def load_image(path, load_size):
 
 def _list_images(folder, classes=None):
     """(path, class index) for every image under folder/<class>/ (recursively), in sorted order."""
-    if classes is None:
+    find_classes = classes is None
+    if find_classes:
         classes = sorted(d.name for d in os.scandir(folder) if d.is_dir() and not d.name.startswith("."))
     samples = []
     for label, name in enumerate(classes):
-        for parent, _, files in sorted(os.walk(os.path.join(folder, name))):
-            samples += [(os.path.join(parent, f), label) for f in sorted(files)
-                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        found = [(os.path.join(parent, f), label) for parent, _, files in sorted(os.walk(os.path.join(folder, name)))
+                 for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if find_classes and not found:  # as torchvision's ImageFolder: an empty class would shift every label after it
+            raise ValueError(f"class folder {os.path.join(folder, name)} has no {'/'.join(IMAGE_EXTENSIONS)} images; "
+                             "add images or remove the folder")
+        samples += found
     return classes, samples
 
 

@@ -9,14 +9,14 @@ backbone, L2-normalised, so the cosine similarity is a plain dot product.
     python -m minivit.knn --arch vit_ti16 --weights none --data digits --image_size 32      # random-init baseline
     python -m minivit.knn --raw_pixels --data digits --image_size 32                       # raw-pixel baseline
 """
-import argparse
-import contextlib
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from minivit import cli, training
 
 
 @torch.no_grad()  # not inference_mode: a linear probe may train on these, and autograd refuses inference tensors
@@ -29,19 +29,20 @@ def extract_features(model, loader, device, transform, chunk_size=256):
     chunk_size: at most this many images go through the model at once (bounds activation memory).
     Returns (features float32 (N, D) on `device`, unit rows; labels int64 (N,) on `device`). Under torch.distributed
     the loader must use an unshuffled DistributedSampler; every process then gets all N features, in dataset order.
+    The model runs in fp32, as the official evaluation, with autocast switched off even when the caller is inside
+    one (on GPUs matmuls may still use TF32 where training.setup_distributed allowed it, ~1e-3 relative).
     """
     was_training = model.training  # train_dino.py evaluates its teacher mid-training: hand it back as it was
     model.eval()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
-                else contextlib.nullcontext())
+    fp32 = torch.autocast(torch.device(device).type, enabled=False)
     features, labels = [], []
     for images, targets in loader:
         if len(images) == 0:  # every file of the batch was unreadable (data.build_loader drops them)
             continue
         images = transform(images.to(device, non_blocking=True))
         for chunk in images.split(chunk_size):
-            with autocast:
-                feats = model(chunk)
+            with fp32:
+                feats = model(chunk.float())
             features.append(F.normalize(feats.float().flatten(1), dim=1))  # (b, D), unit rows
         labels.append(targets.to(device))
     model.train(was_training)
@@ -136,19 +137,18 @@ def knn_eval(model, train_set, test_set, device, ks=(10, 20, 100, 200), T=0.07, 
             for k in ks if k <= train_f.shape[0]}
 
 
-def load_backbone(arch, weights="none", patch_size=None, small_stem=False):
+def load_backbone(arch, weights="none", patch_size=None, small_stem=False, trust_pickle=False):
     """models.build_model(arch, num_classes=0) built as the checkpoint was trained (patch_size overrides a ViT's
     patch, small_stem a ResNet's stem), then `weights` loaded: our checkpoint or an official file; "none" keeps the
-    random init. Shared by the evaluation command lines; a bad name or a mismatching file -> SystemExit."""
+    random init. Shared by the evaluation command lines; a bad name, a refused pickle (see trust_pickle in
+    models.load_pretrained) or a mismatching file -> a one-line `error: ...` exit."""
     from minivit.models import build_model, load_pretrained
 
     options = {k: v for k, v in (("patch_size", patch_size), ("small_stem", small_stem)) if v}
-    try:
+    with cli.errors():
         model = build_model(arch, num_classes=0, **options)
         if str(weights).lower() != "none":
-            print(load_pretrained(model, weights))
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+            print(load_pretrained(model, weights, trust_pickle=trust_pickle))
     return model
 
 
@@ -161,7 +161,7 @@ def format_table(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Weighted k-NN evaluation of a frozen backbone (DINO sec. 4.1)")
+    parser = cli.ArgumentParser(description="Weighted k-NN evaluation of a frozen backbone (DINO sec. 4.1)")
     parser.add_argument("--arch", default="vit_s16", help="architecture name from minivit.models.ARCHS")
     parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = "
                         "random init, the baseline that training must beat")
@@ -178,23 +178,27 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_trust_pickle(parser)
     args = parser.parse_args(argv)
+    cli.check_args(parser, args, positive=("k", "temperature", "batch_size", "image_size", "patch_size"),
+                   non_negative=("num_workers",))
 
     from minivit.data import build_dataset, describe
 
+    with cli.errors():
+        device = training.pick_device(args.device)
+        train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
+    if max(args.k) > len(train_set):
+        cli.fail(f"--k {max(args.k)} is larger than the {len(train_set)} training images; pick k <= {len(train_set)}")
     if args.raw_pixels:
         model, name = nn.Flatten(), "raw pixels"
     else:
-        model = load_backbone(args.arch, args.weights, args.patch_size, args.small_stem)
+        model = load_backbone(args.arch, args.weights, args.patch_size, args.small_stem, args.trust_pickle)
         name = f"{args.arch} ({'random init' if args.weights.lower() == 'none' else args.weights})"
-    model.to(args.device).requires_grad_(False)
-    try:
-        train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    model.to(device).requires_grad_(False)
     print(f"k-NN: {describe(train_set)}; {describe(test_set)}; {name}; T={args.temperature}")
     t0 = time.time()
-    results = knn_eval(model, train_set, test_set, args.device, ks=args.k, T=args.temperature,
+    results = knn_eval(model, train_set, test_set, device, ks=args.k, T=args.temperature,
                        image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers)
     print(format_table(results))
     print(f"done in {time.time() - t0:.1f}s")

@@ -10,12 +10,13 @@ resize + centre crop for evaluation, 100 epochs on ImageNet.
     python -m minivit.linear --arch vit_ti16 --weights ckpt.pth --data digits --image_size 32 --no_aug --epochs 50
 """
 import argparse
-import contextlib
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from minivit import cli, training
 
 
 class LinearClassifier(nn.Module):
@@ -62,15 +63,15 @@ def dino_probe_recipe(model):
 
 def image_batches(model, loader, device, transform, n_last_blocks=4, avgpool_patchtokens=False):
     """Yield (probe features (B, F) float32, labels (B,)) from a loader of uint8 images, through `transform` (an
-    augmentation or the eval view) and the frozen backbone, no gradients, bf16 autocast on CUDA."""
+    augmentation or the eval view) and the frozen backbone, no gradients, in fp32 as the official probe (autocast
+    off even inside a caller's; GPU matmuls may use TF32 where training.setup_distributed allowed it)."""
     model.eval()  # BatchNorm statistics and drop path stay frozen too
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
-                else contextlib.nullcontext())
+    fp32 = torch.autocast(torch.device(device).type, enabled=False)
     for images, labels in loader:
         if len(images) == 0:  # every file of the batch was unreadable (data.build_loader drops them)
             continue
-        with torch.no_grad(), autocast:
-            feats = probe_features(model, transform(images.to(device, non_blocking=True)), n_last_blocks,
+        with torch.no_grad(), fp32:
+            feats = probe_features(model, transform(images.to(device, non_blocking=True)).float(), n_last_blocks,
                                    avgpool_patchtokens)
         yield feats, labels.to(device)
 
@@ -120,7 +121,7 @@ def make_optimizer(classifier, epochs, batch_size, base_lr=0.001):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Linear probe on a frozen backbone (DINO sec. 4.1)")
+    parser = cli.ArgumentParser(description="Linear probe on a frozen backbone (DINO sec. 4.1)")
     parser.add_argument("--arch", default="vit_s16", help="architecture name from minivit.models.ARCHS")
     parser.add_argument("--weights", default="none", help="our checkpoint or an official DINO file; 'none' = random")
     parser.add_argument("--patch_size", type=int, default=None, help="a ViT's patch if it was trained with another "
@@ -145,19 +146,21 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_trust_pickle(parser)
     args = parser.parse_args(argv)
+    cli.check_args(parser, args, positive=("patch_size", "image_size", "n_last_blocks", "epochs", "batch_size", "lr"),
+                   non_negative=("num_workers",))
 
     from minivit.augment import SupervisedAugment
     from minivit.data import build_dataset, build_loader, describe
     from minivit.knn import eval_transform, load_backbone
 
-    torch.manual_seed(args.seed)
-    model = load_backbone(args.arch, args.weights, args.patch_size, args.small_stem)
-    model.to(args.device).requires_grad_(False).eval()
-    try:
+    with cli.errors():
+        args.device = training.pick_device(args.device)
         train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    torch.manual_seed(args.seed)
+    model = load_backbone(args.arch, args.weights, args.patch_size, args.small_stem, args.trust_pickle)
+    model.to(args.device).requires_grad_(False).eval()
     n_last_blocks, avgpool_patchtokens = dino_probe_recipe(model)
     if args.n_last_blocks is None:
         args.n_last_blocks = n_last_blocks

@@ -9,18 +9,15 @@ DDP `module.` prefixes, `backbone.` prefixes, released backbone-only files, torc
 the names onto the model, and then loads with strict=True: whatever does not fit is an error, except the few
 differences that are expected and are reported instead (see load_pretrained).
 """
-import argparse
 import math
 import os
-import pickle
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from minivit import resnet, vit
+from minivit import resnet, training, vit
 
 # arch string -> factory; "/16" in ViT-S/16 is the patch size (ViT Table 1, DINO Table 2)
 ARCHS = {
@@ -53,6 +50,12 @@ def arch_family(arch: str) -> str:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
     return "vit" if arch.startswith("vit_") else "resnet"
+
+
+def patch_size(arch: str) -> int:
+    """The patch side in pixels of an ARCHS name (16 for vit_s16, 14 for vit_h14); 1 for a ResNet, whose input
+    only needs to be large enough. Known before building the model, so flags can be checked first."""
+    return ARCHS[arch].keywords["patch_size"] if arch_family(arch) == "vit" else 1
 
 
 def build_model(arch: str, num_classes: int = 0, **kwargs) -> torch.nn.Module:
@@ -102,19 +105,6 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat((cls_pos, patch_pos), dim=1)
 
 
-def _read(path) -> dict:
-    """torch.load on CPU, tensors-only when possible (official DINO files also pickle an argparse.Namespace)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint file at {str(path)!r}: check the path")
-    torch.serialization.add_safe_globals([argparse.Namespace])  # plain attribute bag: safe to unpickle
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        warnings.warn(f"{path} holds more than tensors: loading it with weights_only=False (only do this for files "
-                      "you trust)")
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def _describe(sd: dict) -> str:
     """A guess at the model a state_dict belongs to, for error messages."""
     if "blocks.0.attn.qkv.weight" in sd and "patch_embed.proj.weight" in sd:
@@ -144,7 +134,7 @@ def _rename(key: str, prefixes: tuple[str, ...], target: dict) -> str:
     return key
 
 
-def load_pretrained(model: torch.nn.Module, path_or_state_dict) -> LoadReport:
+def load_pretrained(model: torch.nn.Module, path_or_state_dict, trust_pickle: bool = False) -> LoadReport:
     """Load weights into `model` in place from a checkpoint path or an already loaded dict; returns a LoadReport.
 
     Takes a full DINO checkpoint (its 'teacher', else 'student', else a 'model' or 'state_dict' entry) or a bare
@@ -155,8 +145,13 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict) -> LoadReport:
     (1000 classes into 10) or one the model lacks (num_classes=0) is dropped; a pos_embed of another grid is resized
     bicubically. Anything else missing, unexpected or of another shape -> ValueError naming the first keys. The
     load itself is strict.
+
+    A path is read by training.torch_load: tensors and plain containers only (official DINO files' argparse
+    Namespace too); a file with other pickled objects is refused unless trust_pickle=True, since unpickling them
+    can run code.
     """
-    ckpt = _read(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
+    ckpt = (training.torch_load(path_or_state_dict, trust_pickle)
+            if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict)
     if not isinstance(ckpt, dict):
         raise ValueError(f"expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}")
     source = next((k for k in ("teacher", "student", "model", "state_dict") if isinstance(ckpt.get(k), dict)), "file")

@@ -17,13 +17,13 @@ per class), matched by file name; 0 is background and 255 "void" (object borders
 Writes report.md, results.json and PNGs (heads over the image, their masks, a grid of best-head masks against the
 ground truth) to --output_dir.
 """
-import argparse
 import json
 import os
 
 import numpy as np
 import torch
 
+from minivit import cli, training
 from minivit.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure, upsample
 
 VOID = 255  # PASCAL VOC's label for object borders and unlabelled pixels
@@ -77,7 +77,8 @@ def segmentation_scores(object_iou, image_index):
 
 def parse_weights(specs):
     """['dino=runs/dino/teacher_backbone.pth', 'random=none', 'file.pth'] -> [(label, path or None)]. Without a
-    label the file's stem names it ('random' for none). SystemExit on a repeated label or a missing file."""
+    label the file's stem names it ('random' for none). A one-line error exit on a repeated label or a missing
+    file."""
     parsed = []
     for spec in specs:
         label, sep, path = spec.partition("=")
@@ -86,17 +87,18 @@ def parse_weights(specs):
             label = "random" if spec.lower() == "none" else os.path.splitext(os.path.basename(spec))[0]
         path = None if path.lower() == "none" else path
         if path is not None and not os.path.isfile(path):
-            raise SystemExit(f"--weights {spec}: no such file {path!r}; give label=PATH or label=none (random init)")
+            cli.fail(f"--weights {spec}: no such file {path!r}; give label=PATH or label=none (random init)")
         if label in (name for name, _ in parsed):
-            raise SystemExit(f"--weights: the label {label!r} appears twice; give each file its own label=PATH")
+            cli.fail(f"--weights: the label {label!r} appears twice; give each file its own label=PATH")
         parsed.append((label, path))
     return parsed
 
 
-def build_backbones(arch, weights, device, **vit_options):
+def build_backbones(arch, weights, device, trust_pickle=False, **vit_options):
     """One frozen backbone per (label, path) of parse_weights, built with build_model(arch, num_classes=0,
-    **vit_options) and loaded with load_pretrained (random init when path is None). vit_options (img_size,
-    patch_size) that are None, or given for a ResNet, are left out. -> {label: model in eval mode on device}."""
+    **vit_options) and loaded with load_pretrained (random init when path is None; trust_pickle as there).
+    vit_options (img_size, patch_size) that are None, or given for a ResNet, are left out.
+    -> {label: model in eval mode on device}."""
     from minivit.models import arch_family, build_model, load_pretrained
 
     models = {}
@@ -105,9 +107,9 @@ def build_backbones(arch, weights, device, **vit_options):
             options = {k: v for k, v in vit_options.items() if v is not None and arch_family(arch) == "vit"}
             torch.manual_seed(0)  # the random-init baseline is the same model every run
             model = build_model(arch, num_classes=0, **options)
-            note = "random init" if path is None else str(load_pretrained(model, path))
+            note = "random init" if path is None else str(load_pretrained(model, path, trust_pickle=trust_pickle))
         except ValueError as e:
-            raise SystemExit(f"--weights {label}: {e}") from None
+            cli.fail(f"--weights {label}: {e}")
         print(f"{label}: {arch}, {note}")
         models[label] = model.to(device).requires_grad_(False).eval()
     return models
@@ -268,7 +270,7 @@ def write_report(out, scores, setup):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Jaccard index of thresholded CLS attention against ground-truth "
+    parser = cli.ArgumentParser(description="Jaccard index of thresholded CLS attention against ground-truth "
                                      "objects (DINO Table 4)")
     parser.add_argument("--arch", default="vit_s8", help="a ViT of minivit.models.ARCHS (all --weights share it); "
                         "patch 8 gives finer masks than 16")
@@ -289,23 +291,30 @@ def main(argv=None):
     parser.add_argument("--num_figures", type=int, default=4, help="images drawn in the PNGs")
     parser.add_argument("--output_dir", default="runs/segmentation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_trust_pickle(parser)
     args = parser.parse_args(argv)
+    cli.check_args(parser, args, positive=("patch_size", "image_size", "num_images", "batch_size"),
+                   non_negative=("num_figures",), fraction=("mass",))
 
     shapes = args.data == "shapes"
+    if not shapes and not os.path.isdir(args.data):
+        cli.fail(f"--data {args.data}: no such folder; give 'shapes' or a PASCAL VOC-style folder")
+    with cli.errors():
+        device = training.pick_device(args.device)
+        training.make_output_dir(args.output_dir)
     image_size = args.image_size or (64 if shapes else 480)
-    models = build_backbones(args.arch, parse_weights(args.weights), args.device, img_size=image_size,
+    models = build_backbones(args.arch, parse_weights(args.weights), device, args.trust_pickle, img_size=image_size,
                              patch_size=args.patch_size)
     if not all(hasattr(m, "get_last_selfattention") for m in models.values()):
-        raise SystemExit(f"--arch {args.arch} has no self-attention: pick a ViT (vit_s8, vit_s16, ...)")
+        cli.fail(f"--arch {args.arch} has no self-attention: pick a ViT (vit_s8, vit_s16, ...)")
     patch_size = next(iter(models.values())).patch_size
     num_images = args.num_images or (200 if shapes else None)  # None: all
     try:
         scores, n_images, n_objects, examples = evaluate(
             models, batches(args.data, num_images, image_size, patch_size, args.batch_size, args.image_set),
-            args.device, args.mass, keep=args.num_figures)
+            device, args.mass, keep=args.num_figures)
     except (ValueError, OSError) as e:
-        raise SystemExit(str(e)) from None
-    os.makedirs(args.output_dir, exist_ok=True)
+        cli.fail(str(e))
     setup = {"data": "shapes test" if shapes else args.data, "images": n_images, "objects": n_objects,
              "arch": args.arch, "patch_size": patch_size, "image_size": image_size, "mass": args.mass,
              "weights": {label: path for label, path in parse_weights(args.weights)}}

@@ -4,7 +4,6 @@ mixup / cutmix, the subset behind --train_fraction, and the one-line errors of t
 The scripts keep the recipe (model, optimizer, schedules) and the epoch loop in plain sight; this file holds only
 what would otherwise be copied between them, so `diff train_vit.py train_resnet.py` shows the model and the recipe.
 """
-import contextlib
 import json
 import time
 
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from minivit import training
+from minivit import cli, training
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -197,20 +196,29 @@ def evaluate(model, loader, transform, device, precision: str, memory_format=tor
 # ------------------------------------------------------------------------------------------------ command line
 
 
-@contextlib.contextmanager
-def cli_errors():
-    """Turn the ValueError / FileNotFoundError that minivit raises for bad input (an unknown --arch, a missing
-    folder, a checkpoint of another model) into a one-line `error: ...` exit, without a traceback."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+# the numeric flags train_vit.py and train_resnet.py share, by the rule each must satisfy (cli.check_args)
+FLAG_RULES = dict(
+    positive=("image_size", "load_size", "epochs", "batch_size", "lr", "log_every", "max_steps_per_epoch",
+              "stop_after"),
+    non_negative=("warmup_epochs", "min_lr", "weight_decay", "mixup", "cutmix", "clip_grad", "num_workers",
+                  "eval_every"),
+    probability=("label_smoothing",),
+    fraction=("crop_scale", "train_fraction"))
+
+
+def check_flags(parser, args, **extra) -> None:
+    """Stop in one line at the first numeric flag that makes no sense (FLAG_RULES, plus `extra` rules such as
+    positive=("patch_size",)), and at a warm-up that does not end before the last epoch."""
+    rules = {rule: FLAG_RULES.get(rule, ()) + tuple(extra.get(rule, ())) for rule in {*FLAG_RULES, *extra}}
+    cli.check_args(parser, args, **rules)
+    if args.warmup_epochs >= args.epochs:
+        cli.fail(f"--warmup_epochs {args.warmup_epochs} must be smaller than --epochs {args.epochs}")
 
 
 def resume(checkpoint_path, kind: str, args, must_match, model, optimizer, scaler, generator) -> int:
     """Continue a run exactly: load checkpoint_path (written by the same script, `kind`, with the same --arch and
     the flags in `must_match`) into model, optimizer, scaler and the RNG streams. -> the epoch to start from."""
-    with cli_errors():
+    with cli.errors():
         state = training.load_checkpoint(checkpoint_path, kind=kind, arch=args.arch)
     changed = [f"--{k} {state['args'].get(k)} (now {getattr(args, k)})" for k in must_match
                if state["args"].get(k) != getattr(args, k)]

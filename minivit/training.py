@@ -5,19 +5,29 @@ JSONL log, the progress line, the NaN guard and the curve plot. Small functions;
 Plain `python train_x.py` runs one process (CUDA if present, else CPU); `torchrun --nproc_per_node=N train_x.py`
 runs N processes that find each other through the RANK / LOCAL_RANK / WORLD_SIZE variables torchrun sets.
 """
+import argparse
 import contextlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+
+try:
+    import fcntl  # POSIX file locks (lock_output_dir)
+except ImportError:  # Windows
+    fcntl = None
 
 # ------------------------------------------------------------------------------------------ processes and devices
 
@@ -38,7 +48,9 @@ class DistInfo:
         return self.device.type
 
 
-def _pick_device(device: str) -> torch.device:
+def pick_device(device: str) -> torch.device:
+    """"auto" (CUDA if available, else CPU), "cuda", "cuda:1", "cpu" or "mps" -> a torch.device that exists here;
+    ValueError in one line otherwise."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -60,7 +72,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     device: "auto" (CUDA if available, else CPU), "cuda", "cpu" or "mps" (single process only). Under torchrun each
     process takes GPU `local_rank`. On CUDA, fp32 matmuls may use TF32 (Ampere+): ~free speed, ~1e-3 relative error.
     """
-    dev = _pick_device(device)
+    dev = pick_device(device)
     distributed = "RANK" in os.environ  # set by torchrun, absent under plain `python script.py`
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) \
         if distributed else (0, 0, 1)
@@ -74,6 +86,16 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, local_rank, world_size, dev, rank == 0, distributed)
+
+
+def sync_batchnorm(model: nn.Module, info: DistInfo) -> nn.Module:
+    """`model` with every BatchNorm (the 1-d ones of a DINO head with use_bn, the 2-d ones of a ResNet) made a
+    SyncBatchNorm when several CUDA processes train together, so that batch statistics cover the global batch as
+    in the official DINO code; otherwise `model` unchanged (SyncBatchNorm needs CUDA)."""
+    if info.distributed and info.device.type == "cuda" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def cleanup_distributed() -> None:
@@ -228,7 +250,9 @@ def _check_plain(obj, where: str) -> None:
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write `state` to `path` atomically on rank 0 (other ranks return): a temp file in the same folder, fsync, then
-    os.replace, so a crash mid-write leaves the previous checkpoint whole.
+    os.replace, so a crash mid-write (even SIGKILL) leaves the previous checkpoint whole. Temp files left by such a
+    crash are removed at the next save. A failed write (full disk, folder gone or read-only) stops the run with one
+    line (SystemExit) and keeps the previous checkpoint.
 
     state: a dict with a "kind" string naming the script ("vit", "resnet", "dino") and plain values only
     (tensors, numbers, strings, lists, dicts), e.g. {"kind", "model", "optimizer", "epoch", "args": vars(args)}.
@@ -239,15 +263,26 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         raise ValueError("a checkpoint state must be a dict with a 'kind' string such as 'vit', 'resnet' or 'dino'")
     _check_plain(state, "state")
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed save (lock_output_dir: no other writer)
+        stale.unlink(missing_ok=True)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        kept = f"the last good checkpoint is kept at {path}" if path.is_file() else "no checkpoint was saved yet"
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0]
+        raise SystemExit(f"error: could not write {path}: {reason}; {kept}; free some space or pick a writable "
+                         "--output_dir, then rerun with --resume") from None
     except BaseException:
-        os.unlink(tmp)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     if os.name == "posix":  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -257,17 +292,57 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
             os.close(dir_fd)
 
 
+# official DINO checkpoints pickle their argparse.Namespace of settings beside the tensors: a plain attribute bag
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def torch_load(path: str | os.PathLike, trust_pickle: bool = False):
+    """torch.load onto the CPU without running code from the file: only tensors, numbers, strings, containers and
+    the few SAFE_GLOBALS are unpickled (torch's weights_only loader), so a file carrying a pickled object (whose
+    `__reduce__` could run anything) is refused with one line naming the file and the object's type.
+    trust_pickle=True (the commands' --trust_pickle) loads such a file with the full unpickler: only for files
+    whose origin you trust. A missing, truncated or non-torch file -> ValueError in one line too."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint file at {path}: check the path")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes): an interrupted copy? use another file")
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            refused = _unsafe_globals(path, str(e))
+            if refused is None:  # no object was refused: the stream itself is broken
+                raise ValueError(f"{path} is not a readable PyTorch file (corrupt, truncated, or another kind of "
+                                 "file): torch.load raised UnpicklingError") from None
+        except Exception as e:  # truncated zip, a text or image file, ...: torch's messages run to a page
+            raise ValueError(f"{path} is not a readable PyTorch file (corrupt, truncated, or another kind of "
+                             f"file): torch.load raised {type(e).__name__}") from None
+    if not trust_pickle:
+        raise ValueError(f"{path} holds pickled objects beyond tensors and plain containers ({refused}): refused, "
+                         "since unpickling them can run code; if you trust the file, pass --trust_pickle "
+                         "(trust_pickle=True in Python)")
+    warnings.warn(f"{path}: unpickling {refused} because trust_pickle was given", stacklevel=2)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _unsafe_globals(path, message: str) -> str | None:
+    """The types a weights_only load refused, for the error message (None if it refused none): read from the file
+    without unpickling it (zip checkpoints), else from torch's message (the legacy format)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        names = []
+    names = names or sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
+    return ", ".join(names[:4]) if names else None
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None, arch: str | None = None) -> dict:
-    """Read a checkpoint written by save_checkpoint onto the CPU; check it is a `kind` checkpoint (e.g. "dino") of
-    `arch` (compared with state["args"]["arch"]) when those are given. Every failure is a one-line error."""
+    """Read a checkpoint written by save_checkpoint onto the CPU (torch_load: no code runs from the file); check it
+    is a `kind` checkpoint (e.g. "dino") of `arch` (compared with state["args"]["arch"]) when those are given.
+    Every failure is a one-line ValueError (FileNotFoundError for a missing file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; check the path (or drop --resume to start fresh)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or pickled objects beyond plain data (torch's own
-        # message for those is a page long, hence only its type here)
-        raise ValueError(f"{path} is not a readable minivit checkpoint (corrupt, truncated, or not written by "
-                         f"save_checkpoint): torch.load raised {type(e).__name__}") from None
+    state = torch_load(path)
     if not isinstance(state, dict) or not isinstance(state.get("kind"), str):
         raise ValueError(f"{path} is not a minivit training checkpoint (no 'kind' field); "
                          "for pretrained weights use minivit.models.load_pretrained")
@@ -344,6 +419,18 @@ class JsonlLogger:
             with open(self.path, "a") as f:
                 f.write(json.dumps({**(record or {}), **fields}, default=_plain) + "\n")
                 f.flush()
+
+
+def trim_log(path: str | os.PathLike, epoch: int) -> None:
+    """Drop the records of epochs after `epoch` from a JSONL log (rank 0; rewritten atomically), so a run resumed
+    from the checkpoint of `epoch` does not log an epoch twice when it was killed between logging and saving."""
+    path = Path(path)
+    if get_rank() != 0 or not path.is_file():
+        return
+    kept = [r for r in read_jsonl(path) if r.get("epoch", 0) <= epoch]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in kept))
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -432,12 +519,44 @@ def plot_curves(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, keys
 
 
 def make_output_dir(path: str | os.PathLike) -> Path:
-    """Create the run's output folder (parents too) if needed and return it as a Path."""
+    """Create the run's output folder (parents too) if needed, check that files can be written in it, and return
+    it as a Path; ValueError in one line otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--output_dir {path} is a file, not a folder; pick another path")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # a read-only folder or file system fails here, not after an epoch
+            pass
+    except OSError as e:
+        raise ValueError(f"--output_dir {path} is not writable ({e.strerror or e}); pick another folder") from None
     return path
+
+
+_held_locks = []  # the open lock files of lock_output_dir: each lock lasts as long as this process
+
+
+def lock_output_dir(path: str | os.PathLike) -> None:
+    """Claim the output folder for this run (rank 0; other ranks return): an exclusive flock on path/.lock, which
+    the operating system releases when the process ends, also when it is killed. A second run pointed at the same
+    folder (two `python train_x.py` without torchrun) gets a ValueError naming the first run's pid instead of
+    overwriting its checkpoint. No-op where fcntl is missing (Windows)."""
+    if get_rank() != 0 or fcntl is None:
+        return
+    f = open(Path(path) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise ValueError(f"--output_dir {path} is in use by another run (pid {pid}): wait for it to end, or pick "
+                         "another --output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held_locks.append(f)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import script_env
-from minivit import training
+from minivit import cli, training
 from minivit.data import build_dataset, describe
-from minivit.supervised import cli_errors, cutmix, evaluate, mix_batch, mixup, subset, train_one_epoch
+from minivit.supervised import cutmix, evaluate, mix_batch, mixup, subset, train_one_epoch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the smallest settings that still run every part of a script: 8 px digits, 2 steps of 8 images per epoch
@@ -276,8 +276,8 @@ def test_train_one_epoch_stops_on_nan(tmp_path):
 
 def test_cli_errors_turn_value_errors_into_one_line_exits():
     with pytest.raises(SystemExit, match="^error: bad flag$"):
-        with cli_errors():
+        with cli.errors():
             raise ValueError("bad flag")
     with pytest.raises(KeyError):  # programming errors keep their traceback
-        with cli_errors():
+        with cli.errors():
             raise KeyError("x")

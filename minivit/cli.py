@@ -1,0 +1,85 @@
+"""What the command lines share (the three train scripts and the `python -m minivit.*` tools): bad input ends in
+one line, `error: <the problem>; <the fix>`, with a non-zero exit and no traceback, before anything is written.
+
+    parser = cli.ArgumentParser(description=...)          # argparse's own errors in one line too
+    cli.add_trust_pickle(parser)                          # --trust_pickle, for the commands that read weights
+    args = parser.parse_args(argv)
+    cli.check_args(parser, args, positive=("lr", "epochs"), probability=("mass",), ordered=("crops_scale",))
+    with cli.errors():                                    # minivit's ValueError / FileNotFoundError -> one line
+        model = load_backbone(...)
+"""
+import argparse
+import contextlib
+import math
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose errors (unknown flag, bad choice, a value that is not a number) print one line,
+    `error: argument --k: invalid int value: 'x'; see --help`, instead of the usage block, and exit with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def fail(message: str):
+    """Stop the command with `error: message` on stderr and exit status 1 (SystemExit, so no traceback)."""
+    raise SystemExit(f"error: {message}")
+
+
+@contextlib.contextmanager
+def errors():
+    """Turn the ValueError / FileNotFoundError that minivit raises for bad input (an unknown --arch, a missing
+    folder, a checkpoint of another model, a refused pickle) into a one-line `error: ...` exit."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+
+
+def add_trust_pickle(parser) -> None:
+    """--trust_pickle: the opt-in that lets a command unpickle weight files holding more than tensors."""
+    parser.add_argument("--trust_pickle", action="store_true", help="also load weight files that hold pickled "
+                        "Python objects beyond tensors (refused by default: unpickling can run code). Only for files "
+                        "you trust; official DINO checkpoints load without it")
+
+
+def _default(parser, name) -> str:
+    """' (default X)' for the error message, or '' when the flag has no default."""
+    default = parser.get_default(name)
+    if default is None:
+        return ""
+    return f" (default {' '.join(map(str, default)) if isinstance(default, (list, tuple)) else default})"
+
+
+_RULES = {  # rule -> (test of one value, what the error says)
+    "positive": (lambda x: x > 0, "must be > 0"),
+    "non_negative": (lambda x: x >= 0, "must be >= 0"),
+    "probability": (lambda x: 0 <= x <= 1, "is a probability: it must lie in [0, 1]"),
+    "fraction": (lambda x: 0 < x <= 1, "must lie in (0, 1]"),
+    "ordered": (lambda pair: 0 < pair[0] <= pair[1] <= 1, "must be two fractions LOW HIGH, 0 < LOW <= HIGH <= 1"),
+}
+
+
+def check_args(parser, args, **rules) -> None:
+    """Check numeric flags after parsing; the first bad one stops the command in one line naming the flag, the
+    rule and the flag's default. Each keyword is a rule of _RULES with the names of `args` it applies to:
+        positive      > 0 (sizes, counts, rates, temperatures)
+        non_negative  >= 0 (warm-up epochs, intervals where 0 means off)
+        probability   in [0, 1]
+        fraction      in (0, 1] (a share that must not be empty)
+        ordered       a pair LOW HIGH with 0 < LOW <= HIGH <= 1 (crop scales)
+    A flag left at None ("not given") is skipped; NaN and infinity always fail."""
+    for rule, names in rules.items():
+        test, words = _RULES[rule]
+        for name in names:
+            value = getattr(args, name)
+            if value is None:
+                continue
+            # a flag with nargs="+" (--k 10 20) is checked value by value, an "ordered" pair as a whole
+            items = [value] if rule == "ordered" or not isinstance(value, (list, tuple)) else value
+            for x in items:
+                finite = all(math.isfinite(v) for v in (x if isinstance(x, (list, tuple)) else [x]))
+                if not (finite and test(x)):
+                    shown = " ".join(map(str, x)) if isinstance(x, (list, tuple)) else x
+                    fail(f"--{name} {shown}: {words if finite else 'must be a finite number'}"
+                         f"{_default(parser, name)}")

@@ -1,0 +1,173 @@
+"""Every command answers bad input in one line: a table of bad flags, files and folders for the three training
+scripts and the `python -m minivit.*` tools, each run as a subprocess (grouped per command by
+tests/bad_input_driver.py). Each case must exit non-zero with a single `error: ...` line that names the problem (the
+words in the table), print no traceback, and leave no checkpoint behind that a later good run would trip over.
+A weight file carrying a pickled payload is refused at every door that reads one, and its payload never runs."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import script_env
+from minivit.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER = os.path.join(ROOT, "tests", "bad_input_driver.py")
+
+
+class Payload:
+    """Unpickling this creates the file `marker`: the stand-in for code run from a data file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The bad (and a few good) inputs the table points at."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    f = {"dir": d, "marker": d / "PAYLOAD_RAN"}
+    f["notes"] = d / "notes.txt"
+    f["notes"].write_text("these are my notes, not weights\n")
+    f["notes_jpg"] = d / "notes.jpg"
+    f["notes_jpg"].write_text("not a picture\n")
+    f["image"] = d / "cat.png"
+    Image.new("RGB", (40, 40), (200, 100, 50)).save(f["image"])
+    f["evil"] = d / "evil.pth"  # real ViT-Ti weights plus a payload: only a full unpickler would run it
+    torch.save({"state_dict": build_model("vit_ti16").state_dict(), "extra": Payload(f["marker"])}, f["evil"])
+    f["empty"] = d / "empty.pth"
+    f["empty"].write_bytes(b"")
+    f["evil_run"] = d / "evil_run"  # an output folder whose checkpoint is the payload: --resume must refuse it
+    f["evil_run"].mkdir()
+    torch.save({"kind": "dino", "extra": Payload(f["marker"])}, f["evil_run"] / "checkpoint.pth")
+    f["photos"] = d / "photos"  # an image folder with an empty class
+    for name in ("cat", "dog"):
+        (f["photos"] / name).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(f["photos"] / "cat" / "a.png")
+    f["no_runs"] = d / "no_runs"
+    f["no_runs"].mkdir()
+    return f
+
+
+def cases(f):
+    """command -> [(argv, words the one-line error must contain)]."""
+    evil, notes, img = str(f["evil"]), str(f["notes"]), str(f["image"])
+    return {
+        "minivit.knn": [
+            (["--weights", notes], "not a readable PyTorch file"),
+            (["--weights", evil, "--arch", "vit_ti16"], "refused"),
+            (["--weights", str(f["empty"])], "is empty"),
+            (["--weights", str(f["dir"] / "missing.pth")], "no checkpoint file at"),
+            (["--k", "0"], "--k 0: must be > 0"),
+            (["--temperature", "-1"], "--temperature -1.0: must be > 0"),
+            (["--batch_size", "many"], "invalid int value"),
+            (["--arch", "vit_zz"], "unknown arch"),
+            (["--data", str(f["dir"] / "nowhere")], "not a folder"),
+            (["--data", str(f["photos"])], "has no"),
+            (["--device", "tpu"], "not supported"),
+        ],
+        "minivit.attention_maps": [
+            (["--image", str(f["notes_jpg"])], "not an image Pillow can read"),
+            (["--image", str(f["dir"] / "missing.jpg")], "no such file"),
+            (["--image", img, "--mass", "1.5"], "--mass 1.5: must lie in (0, 1]"),
+            (["--image", img, "--image_size", "0"], "--image_size 0: must be > 0"),
+            (["--image", img, "--weights", evil, "--arch", "vit_ti16"], "refused"),
+            (["--image", img, "--arch", "resnet18"], "no self-attention"),
+        ],
+        "minivit.linear": [
+            (["--weights", evil, "--arch", "vit_ti16"], "refused"),
+            (["--lr", "0"], "--lr 0.0: must be > 0"),
+            (["--epochs", "-3"], "--epochs -3: must be > 0"),
+            (["--lr", "nan"], "must be a finite number"),
+        ],
+        "minivit.segmentation": [
+            (["--weights", f"x={evil}", "--arch", "vit_ti16"], "refused"),
+            (["--weights", f"x={notes}"], "not a readable PyTorch file"),
+            (["--mass", "0"], "--mass 0.0: must lie in (0, 1]"),
+            (["--data", str(f["dir"] / "voc")], "no such folder"),
+            (["--weights", f"x={f['dir'] / 'missing.pth'}"], "no such file"),
+        ],
+        "minivit.copydetect": [
+            (["--weights", f"x={notes}"], "not a readable PyTorch file"),
+            (["--weights", f"x={evil}", "--arch", "vit_ti16"], "refused"),
+            (["--num_originals", "0"], "--num_originals 0: must be > 0"),
+            (["--image_size", "36"], "is not a multiple of patch_size"),
+        ],
+        "minivit.compare": [
+            (["--fractions", "1.5"], "--fractions 1.5"),
+            (["--epochs", "0"], "--epochs 0: must be > 0"),
+            (["--load"], "is missing"),
+            (["--common_args", '"unclosed'], "quote"),
+        ],
+        "train_vit.py": [
+            (["--lr", "-1"], "--lr -1.0: must be > 0"),
+            (["--crop_scale", "0"], "--crop_scale 0.0: must lie in (0, 1]"),
+            (["--warmup_epochs", "30", "--epochs", "2"], "--warmup_epochs 30 must be smaller than --epochs 2"),
+            (["--batch_size", "0"], "--batch_size 0: must be > 0"),
+            (["--pretrained", evil], "refused"),
+            (["--pretrained", notes], "not a readable PyTorch file"),
+            (["--data", str(f["dir"] / "nowhere")], "not a folder"),
+            (["--resume"], "no checkpoint at"),
+        ],
+        "train_resnet.py": [
+            (["--momentum", "2"], "--momentum 2.0: is a probability"),
+            (["--train_fraction", "0"], "--train_fraction 0.0: must lie in (0, 1]"),
+            (["--pretrained", evil], "refused"),
+        ],
+        "train_dino.py": [
+            (["--arch", "vit_s8", "--global_crop_size", "30"], "--global_crop_size 30 is not a multiple"),
+            (["--lr", "-1"], "--lr -1.0: must be > 0"),
+            (["--teacher_temp", "0"], "--teacher_temp 0.0: must be > 0"),
+            (["--global_crops_scale", "1.0", "0.4"], "LOW <= HIGH"),
+            (["--local_crops_number", "-1"], "--local_crops_number -1: must be >= 0"),
+            (["--momentum_teacher", "1.5"], "--momentum_teacher 1.5: is a probability"),
+            (["--out_dim", "0"], "--out_dim 0: must be > 0"),
+            (["--data", str(f["photos"])], "has no"),
+            (["--device", "tpu"], "not supported"),
+            (["--resume", "--output_dir", str(f["evil_run"])], "refused"),
+        ],
+    }
+
+
+def run_cases(command, table, tmp_path):
+    """All of one command's cases in one subprocess -> [(argv, words, exit status, stderr, output_dir)]."""
+    argvs, outs = [], []
+    for i, (argv, _) in enumerate(table):
+        out = tmp_path / f"{command.replace('.', '_')}_{i}"
+        outs.append(out)
+        takes_output_dir = command not in ("minivit.knn", "minivit.linear") and "--output_dir" not in argv
+        argvs.append([*argv, "--output_dir", str(out)] if takes_output_dir else argv)
+    cmd = [sys.executable, DRIVER, command, json.dumps(argvs)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=900)
+    took = time.perf_counter() - start
+    assert proc.returncode == 0, f"driver for {command} failed after {took:.0f} s:\n{proc.stderr[-3000:]}"
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(table), f"{command}: {len(results)} results for {len(table)} cases ({took:.0f} s)"
+    return [(argv, words, r["code"], r["stderr"], out) for (argv, words), r, out in zip(table, results, outs)]
+
+
+COMMANDS = ["minivit.knn", "minivit.attention_maps", "minivit.linear", "minivit.segmentation", "minivit.copydetect",
+            "minivit.compare", "train_vit.py", "train_resnet.py", "train_dino.py"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_bad_input_gives_one_line_and_writes_nothing(command, files, tmp_path):
+    for argv, words, code, stderr, out in run_cases(command, cases(files)[command], tmp_path):
+        where = f"{command} {' '.join(argv)}"
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert code != 0, f"{where}: exit status 0"
+        assert "Traceback" not in stderr, f"{where}: traceback\n{stderr[-2000:]}"
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"{where}: not one error line:\n{stderr[-2000:]}"
+        assert words in lines[0], f"{where}: {lines[0]!r} does not say {words!r}"
+        if out.exists() and out != files["evil_run"]:  # a folder may exist (its lock), a checkpoint may not
+            assert not [p.name for p in out.iterdir() if p.name.startswith("checkpoint")], where
+    assert not files["marker"].exists(), "a payload ran"
