@@ -533,15 +533,17 @@ def make_output_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-_held_locks = []  # the open lock files of lock_output_dir: each lock lasts as long as this process
+_held_locks = {}  # folder -> its open lock file (lock_output_dir): each lock lasts as long as this process
 
 
 def lock_output_dir(path: str | os.PathLike) -> None:
     """Claim the output folder for this run (rank 0; other ranks return): an exclusive flock on path/.lock, which
     the operating system releases when the process ends, also when it is killed. A second run pointed at the same
     folder (two `python train_x.py` without torchrun) gets a ValueError naming the first run's pid instead of
-    overwriting its checkpoint. No-op where fcntl is missing (Windows)."""
-    if get_rank() != 0 or fcntl is None:
+    overwriting its checkpoint. Calling it again in the same process (a second main() in a notebook) is fine.
+    No-op where fcntl is missing (Windows)."""
+    key = str(Path(path).resolve())
+    if get_rank() != 0 or fcntl is None or key in _held_locks:
         return
     f = open(Path(path) / ".lock", "a+")
     try:
@@ -556,7 +558,7 @@ def lock_output_dir(path: str | os.PathLike) -> None:
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _held_locks.append(f)
+    _held_locks[key] = f
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
