@@ -5,7 +5,8 @@
     print(load_pretrained(model, "dino_deitsmall16_pretrain.pth"))    # official or our own DINO files
 
 load_pretrained reads every layout the DINO project produces (full training checkpoints with student/teacher,
-DDP `module.` prefixes, `backbone.` prefixes, released backbone-only files, torchvision/timm state dicts), maps
+DDP `module.` prefixes, `backbone.` prefixes, released backbone-only files, torchvision/timm state dicts) and
+Hugging Face ViT folders (minivit/hf.py: facebook/dino-vits8 and friends, config.json + model.safetensors), maps
 the names onto the model, and then loads with strict=True: whatever does not fit is an error, except the few
 differences that are expected and are reported instead (see load_pretrained).
 """
@@ -20,7 +21,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from minivit import resnet, vit
+from minivit import hf, resnet, vit
 
 # arch string -> factory; "/16" in ViT-S/16 is the patch size (ViT Table 1, DINO Table 2)
 ARCHS = {
@@ -73,6 +74,7 @@ class LoadReport:
     head_kept_init: list[str] = field(default_factory=list)  # classifier keys absent from the file
     dropped: list[str] = field(default_factory=list)  # file keys not loaded, each with the reason
     resized: list[str] = field(default_factory=list)  # e.g. "pos_embed (1, 197, 384) -> (1, 785, 384)"
+    notes: list[str] = field(default_factory=list)  # accepted differences, e.g. of a Hugging Face config.json
 
     def __str__(self):
         parts = [f"loaded {self.loaded} tensors from {self.source}"]
@@ -83,6 +85,7 @@ class LoadReport:
         if self.dropped:
             parts.append(f"dropped {len(self.dropped)}: " + "; ".join(self.dropped[:4])
                          + (" ..." if len(self.dropped) > 4 else ""))
+        parts += self.notes
         return " | ".join(parts)
 
 
@@ -148,7 +151,8 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict) -> LoadReport:
     """Load weights into `model` in place from a checkpoint path or an already loaded dict; returns a LoadReport.
 
     Takes a full DINO checkpoint (its 'teacher', else 'student', else a 'model' or 'state_dict' entry) or a bare
-    state_dict. Strips `module.` (DDP), `_orig_mod.` (torch.compile) and `backbone.` prefixes (the last one only
+    state_dict, or a Hugging Face ViT folder (config.json + model.safetensors) or .safetensors file (minivit/hf.py:
+    names mapped, config.json checked against the model). Strips `module.` (DDP), `_orig_mod.` (torch.compile) and `backbone.` prefixes (the last one only
     when the model has no `backbone` of its own) and maps weight-norm names onto the model's. Expected differences
     are reported, not raised: DINO head keys (head.mlp.*, head.last_layer.*) the model lacks are dropped; a
     classifier (`head` of a ViT, `fc` of a ResNet) absent from the file keeps its init, one of another shape
@@ -156,6 +160,9 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict) -> LoadReport:
     bicubically. Anything else missing, unexpected or of another shape -> ValueError naming the first keys. The
     load itself is strict.
     """
+    dropped, notes = [], []
+    if hf.is_hf_path(path_or_state_dict):  # a Hugging Face folder or a .safetensors file: names mapped, config checked
+        path_or_state_dict, dropped, notes = hf.read_hf(path_or_state_dict, model)
     ckpt = _read(path_or_state_dict) if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict
     if not isinstance(ckpt, dict):
         raise ValueError(f"expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}")
@@ -169,7 +176,7 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict) -> LoadReport:
     prefixes = PREFIXES if not any(k.startswith("backbone.") for k in target) else PREFIXES[:2]
     clf = "fc" if isinstance(model, resnet.ResNet) else "head"
     classifier = (f"{clf}.weight", f"{clf}.bias")
-    report = LoadReport(source, loaded=0)
+    report = LoadReport(source, loaded=0, dropped=dropped, notes=notes)
     mapped, wrong_shape = {}, []
     for key, value in sd.items():
         name = _rename(key, prefixes, target)

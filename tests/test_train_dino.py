@@ -70,6 +70,10 @@ def test_teacher_backbone_file_loads_strictly(vit_run):
     assert torch.equal(model.pos_embed, teacher["backbone.pos_embed"])
     # the default 224 px model loads it too, its position table resized
     assert load_pretrained(build_model("vit_ti16"), out / "teacher_backbone.pth").resized
+    # the same tensors as safetensors (no pickle)
+    again = build_model("vit_ti16", img_size=16)
+    assert load_pretrained(again, out / "teacher_backbone.safetensors").loaded == report.loaded
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_load_pretrained_picks_the_teacher_of_our_checkpoint(vit_run):
