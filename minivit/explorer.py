@@ -101,6 +101,7 @@ PAGE = r"""<!DOCTYPE html>
 <style>
 body { font: 14px system-ui, sans-serif; margin: 16px; color: #222; }
 .row { display: flex; gap: 24px; align-items: flex-start; flex-wrap: wrap; }
+.side { max-width: 480px; }
 #stage { position: relative; cursor: crosshair; line-height: 0; }
 #stage canvas { position: absolute; left: 0; top: 0; image-rendering: pixelated; }
 #stage #img { position: static; }
@@ -113,7 +114,7 @@ body { font: 14px system-ui, sans-serif; margin: 16px; color: #222; }
 <h2>{{TITLE}}</h2>
 <div class="row">
   <div id="stage"><canvas id="img"></canvas><canvas id="overlay"></canvas><canvas id="marker"></canvas></div>
-  <div>
+  <div class="side">
     <p><label>head <select id="head"></select></label></p>
     <p id="info">move the pointer over the image</p>
     <div id="queryTiles" class="tiles"></div>
