@@ -17,7 +17,8 @@ DINO's features need a GPU and ImageNet-scale step counts (README, Results, list
 Outputs in --output_dir: checkpoint.pth (official layout: `student` keys start with `module.` as the
 official DDP-wrapped student's, `teacher` keys with `backbone.`/`head.`; plus optimizer, epoch, args, dino_loss,
 fp16_scaler, and our kind/rng), teacher_backbone.pth (the teacher's backbone alone, the official "backbone only"
-format, what models.load_pretrained and timm-style code load; also as teacher_backbone.safetensors), log.jsonl, curves.png, attention/*.png.
+format, what models.load_pretrained and timm-style code load; also as teacher_backbone.safetensors), log.jsonl,
+curves.png, attention/*.png.
 
 Randomness: each process and step draws its crops from a generator seeded with (seed, epoch, step, rank), and the
 global RNG (drop path) is saved in the checkpoint, so --resume continues exactly. With --seed_per_image the crops

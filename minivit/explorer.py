@@ -170,7 +170,8 @@ function paint(canvas, grid, withImage, alpha) {
 }
 function tile(parent, label, onclick) {
   const t = document.createElement("div"), c = document.createElement("canvas");
-  t.className = "tile"; c.width = 2 * Math.round(60 * D.W / Math.max(D.H, D.W)); c.height = 2 * Math.round(60 * D.H / Math.max(D.H, D.W));
+  const side = Math.max(D.H, D.W);                     // tiles 60 px on their longer side, drawn at 2x
+  t.className = "tile"; c.width = 2 * Math.round(60 * D.W / side); c.height = 2 * Math.round(60 * D.H / side);
   c.style.width = c.width / 2 + "px"; c.style.height = c.height / 2 + "px";
   t.append(c, label); if (onclick) t.onclick = onclick; parent.append(t);
   return c;

@@ -191,8 +191,9 @@ def is_hf_path(path) -> bool:
 
 def read_hf(path, model) -> tuple[dict, list[str], list[str]]:
     """A Hugging Face folder (config.json + model.safetensors) or a .safetensors file -> (state_dict in the
-    official names, dropped keys with the reason, notes on accepted differences). config.json, in the folder or beside the file, is checked against
-    `model` (check_config). A .safetensors file in our own names (teacher_backbone.safetensors) is returned as is."""
+    official names, dropped keys with the reason, notes on accepted differences). config.json, in the folder or
+    beside the file, is checked against `model` (check_config). A .safetensors file in our own names
+    (teacher_backbone.safetensors) is returned as is."""
     from safetensors.torch import load_file
 
     folder, file = (path, os.path.join(path, "model.safetensors")) if os.path.isdir(path) else \

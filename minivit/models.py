@@ -151,14 +151,14 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict) -> LoadReport:
     """Load weights into `model` in place from a checkpoint path or an already loaded dict; returns a LoadReport.
 
     Takes a full DINO checkpoint (its 'teacher', else 'student', else a 'model' or 'state_dict' entry) or a bare
-    state_dict, or a Hugging Face ViT folder (config.json + model.safetensors) or .safetensors file (minivit/hf.py:
-    names mapped, config.json checked against the model). Strips `module.` (DDP), `_orig_mod.` (torch.compile) and `backbone.` prefixes (the last one only
+    state_dict. Strips `module.` (DDP), `_orig_mod.` (torch.compile) and `backbone.` prefixes (the last one only
     when the model has no `backbone` of its own) and maps weight-norm names onto the model's. Expected differences
     are reported, not raised: DINO head keys (head.mlp.*, head.last_layer.*) the model lacks are dropped; a
     classifier (`head` of a ViT, `fc` of a ResNet) absent from the file keeps its init, one of another shape
     (1000 classes into 10) or one the model lacks (num_classes=0) is dropped; a pos_embed of another grid is resized
     bicubically. Anything else missing, unexpected or of another shape -> ValueError naming the first keys. The
-    load itself is strict.
+    load itself is strict. A Hugging Face ViT folder (config.json + model.safetensors) or a .safetensors file is
+    read by minivit/hf.py first: names mapped onto these, config.json checked against the model.
     """
     dropped, notes = [], []
     if hf.is_hf_path(path_or_state_dict):  # a Hugging Face folder or a .safetensors file: names mapped, config checked

@@ -90,7 +90,8 @@ def _expand_host(name: str, nodelist: str) -> list[str]:
 def slurm_environment(env) -> dict[str, str]:
     """torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) for a process that srun started
     (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_JOB_NODELIST): {} when torchrun's are there already, when
-    SLURM's are absent, or for a single task (sbatch without srun). As the official DINO's init_distributed_mode.
+    SLURM's are absent, or for a single task. As the official DINO's init_distributed_mode. Start the tasks with
+    srun: a batch script running python itself under --ntasks=8 is one process that would wait for 7 others.
 
     MASTER_ADDR, unless set: the first host of the node list (rank 0 runs there, SLURM places tasks in order).
     MASTER_PORT, unless set: 10000 + the job id modulo 20000, so that two jobs sharing a first node differ."""

@@ -63,5 +63,6 @@ def run_command(cmd, timeout=300, check=True, **kwargs):
         pytest.fail(f"timed out after {timeout} s: {line}\n{out[-2000:]}\n{err[-2000:]}")
     seconds = time.perf_counter() - start
     if check and proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode} after {seconds:.1f} s: {line}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(f"exit {proc.returncode} after {seconds:.1f} s: {line}\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-3000:]}")
     return proc

@@ -112,7 +112,8 @@ def test_export_command_line(tmp_path):
     ({"layer_norm_eps": 1e-5}, "layer_norm_eps 1e-05 vs the model's 1e-06"),
     ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new' vs the model's hidden_act 'gelu'"),
     ({"model_type": "dinov2"}, "only transformers' plain ViT"),
-    ({"hidden_size": 384, "num_attention_heads": 6, "num_hidden_layers": 12}, "(that is --arch vit_s16 --patch_size 8)"),
+    ({"hidden_size": 384, "num_attention_heads": 6, "num_hidden_layers": 12},
+     "(that is --arch vit_s16 --patch_size 8)"),
 ])
 def test_config_mismatch_is_a_one_line_error(tmp_path, change, message):
     folder = write_hf_folder(tmp_path / "m", to_hf_names(tiny_vit().state_dict()), {**CONFIG, **change})

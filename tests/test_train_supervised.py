@@ -135,7 +135,8 @@ def test_vit_srun_two_processes_without_torchrun(tmp_path):
         pytest.fail(f"timed out after {time.perf_counter() - start:.0f} s: 2 x SLURM_PROCID=i {' '.join(cmd)}")
     seconds = time.perf_counter() - start
     for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, f"exit {p.returncode} after {seconds:.1f} s: {' '.join(cmd)}\n{out[-2000:]}{err[-2000:]}"
+        assert p.returncode == 0, f"exit {p.returncode} after {seconds:.1f} s: {' '.join(cmd)}\n" \
+            f"{out[-2000:]}\n{err[-2000:]}"
     proc = subprocess.CompletedProcess(cmd, 0, outputs[0][0], outputs[0][1])
     results = check_finished_run(proc, tmp_path, "vit_ti16", epochs=1)
     assert results["world_size"] == 2 and outputs[1][0] == ""  # rank 1 prints nothing
