@@ -17,7 +17,8 @@ DINO's features need a GPU and ImageNet-scale step counts (README, Results, list
 Outputs in --output_dir: checkpoint.pth (official layout: `student` keys start with `module.` as the
 official DDP-wrapped student's, `teacher` keys with `backbone.`/`head.`; plus optimizer, epoch, args, dino_loss,
 fp16_scaler, and our kind/rng), teacher_backbone.pth (the teacher's backbone alone, the official "backbone only"
-format, what models.load_pretrained and timm-style code load), log.jsonl, curves.png, attention/*.png.
+format, what models.load_pretrained and timm-style code load; also as teacher_backbone.safetensors), log.jsonl,
+curves.png, attention/*.png.
 
 Randomness: each process and step draws its crops from a generator seeded with (seed, epoch, step, rank), and the
 global RNG (drop path) is saved in the checkpoint, so --resume continues exactly. With --seed_per_image the crops
@@ -32,6 +33,7 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file as save_safetensors
 
 from minivit import cli, training
 from minivit.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure
@@ -408,6 +410,9 @@ def main(argv=None):
         tmp = out / ".teacher_backbone.pth.tmp"
         torch.save(teacher.backbone.state_dict(), tmp)
         os.replace(tmp, out / "teacher_backbone.pth")
+        # the same tensors as safetensors: loading it runs no code (minivit/hf.py), what the Hugging Face Hub holds
+        save_safetensors({k: v.contiguous() for k, v in teacher.backbone.state_dict().items()}, tmp)
+        os.replace(tmp, out / "teacher_backbone.safetensors")
     training.print0(f"done in {training.format_time(time.time() - start_time)}; wrote {out}/teacher_backbone.pth")
     if top1 is not None:
         line = f"k-NN top-1 (k=20, T=0.07) on {describe(knn_sets[1])}: DINO teacher {top1:.1f}%"

@@ -5,6 +5,7 @@ ViTs segment objects in these maps without ever seeing a mask. A map is shown at
 patch size (nearest), and thresholded to keep the most-attended patches holding 60% of the attention mass.
 
     python -m minivit.attention_maps --arch vit_s8 --weights dino_deitsmall8_pretrain.pth --image photo.jpg
+    python -m minivit.attention_maps ... --image photo.jpg --image_size 224 --html photo.html   # explorer.py
 """
 import os
 
@@ -124,6 +125,9 @@ def main(argv=None):
                         "embeddings are interpolated, so any size that is a multiple of the patch works")
     parser.add_argument("--mass", type=float, default=0.6, help="attention mass kept in the masks (DINO: 0.6)")
     parser.add_argument("--output_dir", default="attention_maps")
+    parser.add_argument("--html", default=None, help="write this self-contained HTML page instead of PNGs: the "
+                        "attention of any hovered patch, per head and averaged, and the CLS maps with their masks "
+                        "(one --image; its size grows as the 4th power of --image_size / patch, 224 suits patch 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     cli.add_trust_pickle(parser)
     args = parser.parse_args(argv)
@@ -139,9 +143,13 @@ def main(argv=None):
             cli.fail(f"--image {path}: no such file; check the path")
     with cli.errors():
         device = training.pick_device(args.device)
-        training.make_output_dir(args.output_dir)
+        if not args.html:
+            training.make_output_dir(args.output_dir)
     model = load_backbone(args.arch, args.weights, args.patch_size, trust_pickle=args.trust_pickle)
     model.to(device).requires_grad_(False).eval()
+    args.device = device
+    if args.html:
+        return [write_html(model, args)]
     written = []
     for path in args.image:
         with cli.errors():
@@ -154,6 +162,26 @@ def main(argv=None):
         written.append(save_attention_figure(image, attn, masks, out, args.mass))
         print(out)
     return written
+
+
+def write_html(model, args):
+    """The --html page for args.image[0] (minivit/explorer.py); returns its path."""
+    from minivit.augment import normalize
+    from minivit.explorer import check_size, write_explorer
+
+    if len(args.image) != 1 or not os.path.isfile(args.image[0]):
+        cli.fail(f"--html writes one page: pass one existing --image (got {' '.join(args.image)})")
+    with cli.errors():
+        image = load_image(args.image[0], args.image_size, model.patch_size)          # (3, H, W) in [0, 1]
+        h, w = image.shape[1] // model.patch_size, image.shape[2] // model.patch_size
+        check_size(model.num_heads, h * w, model.patch_size, args.image_size)
+    batch = normalize(image[None].to(args.device))                                   # (1, 3, H, W)
+    attn = model.get_last_selfattention(batch)[0].float().cpu()                       # (heads, 1+N, 1+N)
+    masks = mass_threshold_masks(cls_attention_maps(model, batch)[0].cpu(), args.mass)  # (heads, h, w)
+    title = f"{os.path.basename(args.image[0])}: {args.arch}, {args.weights}, {image.shape[1]}x{image.shape[2]} px"
+    path = write_explorer(args.html, image, attn, masks, model.patch_size, title, args.mass)
+    print(f"{path} ({os.path.getsize(path) / 2**20:.1f} MB)")
+    return path
 
 
 if __name__ == "__main__":

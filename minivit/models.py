@@ -5,7 +5,8 @@
     print(load_pretrained(model, "dino_deitsmall16_pretrain.pth"))    # official or our own DINO files
 
 load_pretrained reads every layout the DINO project produces (full training checkpoints with student/teacher,
-DDP `module.` prefixes, `backbone.` prefixes, released backbone-only files, torchvision/timm state dicts), maps
+DDP `module.` prefixes, `backbone.` prefixes, released backbone-only files, torchvision/timm state dicts) and
+Hugging Face ViT folders (minivit/hf.py: facebook/dino-vits8 and friends, config.json + model.safetensors), maps
 the names onto the model, and then loads with strict=True: whatever does not fit is an error, except the few
 differences that are expected and are reported instead (see load_pretrained).
 """
@@ -17,7 +18,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from minivit import resnet, training, vit
+from minivit import hf, resnet, training, vit
 
 # arch string -> factory; "/16" in ViT-S/16 is the patch size (ViT Table 1, DINO Table 2)
 ARCHS = {
@@ -76,6 +77,7 @@ class LoadReport:
     head_kept_init: list[str] = field(default_factory=list)  # classifier keys absent from the file
     dropped: list[str] = field(default_factory=list)  # file keys not loaded, each with the reason
     resized: list[str] = field(default_factory=list)  # e.g. "pos_embed (1, 197, 384) -> (1, 785, 384)"
+    notes: list[str] = field(default_factory=list)  # accepted differences, e.g. of a Hugging Face config.json
 
     def __str__(self):
         parts = [f"loaded {self.loaded} tensors from {self.source}"]
@@ -86,6 +88,7 @@ class LoadReport:
         if self.dropped:
             parts.append(f"dropped {len(self.dropped)}: " + "; ".join(self.dropped[:4])
                          + (" ..." if len(self.dropped) > 4 else ""))
+        parts += self.notes
         return " | ".join(parts)
 
 
@@ -144,12 +147,16 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict, trust_pickle: bo
     classifier (`head` of a ViT, `fc` of a ResNet) absent from the file keeps its init, one of another shape
     (1000 classes into 10) or one the model lacks (num_classes=0) is dropped; a pos_embed of another grid is resized
     bicubically. Anything else missing, unexpected or of another shape -> ValueError naming the first keys. The
-    load itself is strict.
+    load itself is strict. A Hugging Face ViT folder (config.json + model.safetensors) or a .safetensors file is
+    read by minivit/hf.py first: names mapped onto these, config.json checked against the model.
 
-    A path is read by training.torch_load: tensors and plain containers only (official DINO files' argparse
+    Any other path is read by training.torch_load: tensors and plain containers only (official DINO files' argparse
     Namespace too); a file with other pickled objects is refused unless trust_pickle=True, since unpickling them
     can run code.
     """
+    dropped, notes = [], []
+    if hf.is_hf_path(path_or_state_dict):  # a Hugging Face folder or a .safetensors file: names mapped, config checked
+        path_or_state_dict, dropped, notes = hf.read_hf(path_or_state_dict, model)
     ckpt = (training.torch_load(path_or_state_dict, trust_pickle)
             if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict)
     if not isinstance(ckpt, dict):
@@ -164,7 +171,7 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict, trust_pickle: bo
     prefixes = PREFIXES if not any(k.startswith("backbone.") for k in target) else PREFIXES[:2]
     clf = "fc" if isinstance(model, resnet.ResNet) else "head"
     classifier = (f"{clf}.weight", f"{clf}.bias")
-    report = LoadReport(source, loaded=0)
+    report = LoadReport(source, loaded=0, dropped=dropped, notes=notes)
     mapped, wrong_shape = {}, []
     for key, value in sd.items():
         name = _rename(key, prefixes, target)

@@ -42,3 +42,27 @@ def script_env(**extra):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(MINIVIT_KERNELS="reference", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def run_command(cmd, timeout=300, check=True, **kwargs):
+    """subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs) -> CompletedProcess.
+
+    A timeout, or a non-zero exit when check=True, fails the test with the command, how long it ran and the end of
+    its output: on a busy CI machine that tells a slow run from a stuck one. Timeouts are generous (300 s)."""
+    import shlex
+    import subprocess
+    import time
+
+    line = " ".join(shlex.quote(str(c)) for c in cmd)
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"timed out after {timeout} s: {line}\n{out[-2000:]}\n{err[-2000:]}")
+    seconds = time.perf_counter() - start
+    if check and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode} after {seconds:.1f} s: {line}\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-3000:]}")
+    return proc

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_dino
-from conftest import script_env
+from conftest import run_command, script_env
 from minivit.models import build_model, load_pretrained
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
@@ -23,12 +23,11 @@ TINY = ["--arch", "vit_ti16", "--global_crop_size", "16", "--local_crop_size", "
 OFFICIAL_KEYS = {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}
 
 
-def run(args, launcher=(sys.executable,), timeout=120):
-    """Run train_dino.py with args; fail the test with its output if it does not exit 0."""
+def run(args, launcher=(sys.executable,), timeout=300):
+    """Run train_dino.py with args; fail the test with the command, its run time and its output if it does not exit
+    0 in time."""
     cmd = [*launcher, str(ROOT / "train_dino.py"), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+    return run_command(cmd, timeout=timeout, cwd=ROOT, env=script_env()).stdout
 
 
 def load(path):
@@ -71,6 +70,10 @@ def test_teacher_backbone_file_loads_strictly(vit_run):
     assert torch.equal(model.pos_embed, teacher["backbone.pos_embed"])
     # the default 224 px model loads it too, its position table resized
     assert load_pretrained(build_model("vit_ti16"), out / "teacher_backbone.pth").resized
+    # the same tensors as safetensors (no pickle)
+    again = build_model("vit_ti16", img_size=16)
+    assert load_pretrained(again, out / "teacher_backbone.safetensors").loaded == report.loaded
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_load_pretrained_picks_the_teacher_of_our_checkpoint(vit_run):
@@ -102,7 +105,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
               "--lr", "0.5", "--knn_data", "none"]
     run([*common, "--batch_size_per_gpu", 8, "--output_dir", tmp_path / "one"])
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    run([*common, "--batch_size_per_gpu", 4, "--output_dir", tmp_path / "two"], launcher=torchrun, timeout=180)
+    run([*common, "--batch_size_per_gpu", 4, "--output_dir", tmp_path / "two"], launcher=torchrun)
     one, two = load(tmp_path / "one" / "checkpoint.pth"), load(tmp_path / "two" / "checkpoint.pth")
     assert len(two["rng"]) == 2  # really two processes
     torch.testing.assert_close(two["dino_loss"]["center"], one["dino_loss"]["center"], rtol=1e-5, atol=1e-6)

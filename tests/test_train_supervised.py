@@ -4,8 +4,10 @@ the step loop."""
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import script_env
+from conftest import run_command, script_env
 from minivit import cli, training
 from minivit.data import build_dataset, describe
 from minivit.supervised import cutmix, evaluate, mix_batch, mixup, subset, train_one_epoch
@@ -27,10 +29,10 @@ TINY_VIT = TINY + ["--patch_size", "4"]
 RESULT_KEYS = {"arch", "test_top1", "test_top5", "train_images_per_s", "params", "epochs", "train_fraction", "data"}
 
 
-def run(args, timeout=240):
-    """Run `python args...` from the repository root; -> CompletedProcess with text stdout/stderr."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=script_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run(args, timeout=300):
+    """Run `python args...` from the repository root; -> CompletedProcess with text stdout/stderr (a timeout fails
+    the test with the command and its run time)."""
+    return run_command([sys.executable, *args], timeout=timeout, check=False, cwd=ROOT, env=script_env())
 
 
 def check_finished_run(proc, out, arch, epochs):
@@ -108,6 +110,36 @@ def test_vit_torchrun_two_processes(tmp_path):
     results = check_finished_run(proc, tmp_path, "vit_ti16", epochs=1)
     assert results["world_size"] == 2
     assert proc.stdout.count("test top-1") == 1  # rank 1 prints nothing
+    log = training.read_jsonl(tmp_path / "log.jsonl")
+    assert log[0]["train_images"] == 2 * 2 * 8  # 2 steps of 8 images on each of 2 processes
+
+
+def test_vit_srun_two_processes_without_torchrun(tmp_path):
+    """What `srun --ntasks=2 python train_vit.py` starts: two processes that know only SLURM's variables (rank, local
+    rank, task count, node list) join one gloo group through MASTER_ADDR = the node list's first host."""
+    with socket.socket() as s:  # a free port: MASTER_PORT's default (from the job id) could be taken here
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "train_vit.py", *TINY_VIT, "--epochs", "1", "--output_dir", str(tmp_path)]
+    env = {k: v for k, v in script_env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    start = time.perf_counter()
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "SLURM_NTASKS": "2",
+                                   "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "7", "MASTER_PORT": str(port)})
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"timed out after {time.perf_counter() - start:.0f} s: 2 x SLURM_PROCID=i {' '.join(cmd)}")
+    seconds = time.perf_counter() - start
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, f"exit {p.returncode} after {seconds:.1f} s: {' '.join(cmd)}\n" \
+            f"{out[-2000:]}\n{err[-2000:]}"
+    proc = subprocess.CompletedProcess(cmd, 0, outputs[0][0], outputs[0][1])
+    results = check_finished_run(proc, tmp_path, "vit_ti16", epochs=1)
+    assert results["world_size"] == 2 and outputs[1][0] == ""  # rank 1 prints nothing
     log = training.read_jsonl(tmp_path / "log.jsonl")
     assert log[0]["train_images"] == 2 * 2 * 8  # 2 steps of 8 images on each of 2 processes
 

@@ -4,7 +4,6 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 import textwrap
 
@@ -14,12 +13,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import script_env
+from conftest import run_command, script_env
 from minivit.training import (
     JsonlLogger, Progress, all_reduce_mean, autocast_context, check_finite, cosine_schedule, count_parameters,
-    format_time, load_checkpoint, make_grad_scaler, make_output_dir, param_groups, plot_curves, print0,
+    expand_nodelist, format_time, load_checkpoint, make_grad_scaler, make_output_dir, param_groups, plot_curves, print0,
     read_jsonl, resolve_precision, rng_state, save_checkpoint, seed_everything, set_rng_state, set_schedules,
-    setup_distributed, unwrap_model,
+    setup_distributed, slurm_environment, unwrap_model,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,6 +113,44 @@ def test_single_process_setup_and_small_helpers(tmp_path, capsys):
     with pytest.raises(ValueError, match="is a file"):
         make_output_dir(tmp_path / "f")
     assert format_time(3753.2) == "1:02:33" and format_time(0) == "0:00:00" and format_time(90061) == "25:01:01"
+
+
+# ----------------------------------------------------------------------------------------------- SLURM
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node07", ["node07"]),
+    ("node[01-04,07]", ["node01", "node02", "node03", "node04", "node07"]),
+    ("gpu[8-10],cpu-a,login[1]", ["gpu8", "gpu9", "gpu10", "cpu-a", "login1"]),
+    ("rack[1-2]-n[01,03]", ["rack1-n01", "rack1-n03", "rack2-n01", "rack2-n03"]),
+    ("a[098-101].cluster", ["a098.cluster", "a099.cluster", "a100.cluster", "a101.cluster"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("bad", ["node[01-04", "node]1[", "node[a-b]", "node[[1]]"])
+def test_expand_nodelist_bad_input_names_the_list(bad):
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        expand_nodelist(bad)
+
+
+def test_slurm_environment_maps_srun_variables_onto_torchruns():
+    srun = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[03-06]",
+            "SLURM_NODELIST": "ignored", "SLURM_JOB_ID": "1234567"}
+    assert slurm_environment(srun) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu03",
+                                       "MASTER_PORT": str(10000 + 1234567 % 20000)}
+    # what the user set wins; SLURM_NODELIST (older SLURM) when SLURM_JOB_NODELIST is absent; no job id: 29500
+    mine = {**srun, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4000"}
+    assert slurm_environment(mine) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}
+    old = {k: v for k, v in srun.items() if k not in ("SLURM_JOB_NODELIST", "SLURM_JOB_ID")}
+    old["SLURM_NODELIST"] = "n[2-3]"
+    assert slurm_environment(old)["MASTER_ADDR"] == "n2" and slurm_environment(old)["MASTER_PORT"] == "29500"
+    # nothing to do: torchrun's variables already there (srun torchrun ...), no SLURM, or one task (sbatch alone)
+    assert slurm_environment({**srun, "RANK": "0"}) == {}
+    assert slurm_environment({"PATH": "/bin"}) == {}
+    assert slurm_environment({**srun, "SLURM_NTASKS": "1"}) == {}
+    with pytest.raises(ValueError, match="set MASTER_ADDR"):
+        slurm_environment({k: v for k, v in srun.items() if "NODELIST" not in k})
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -278,8 +315,7 @@ def test_two_process_gloo_run(tmp_path):
     script.write_text(textwrap.dedent(DIST_SCRIPT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(tmp_path)]
-    proc = subprocess.run(cmd, env=script_env(PYTHONPATH=ROOT), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_command(cmd, timeout=300, env=script_env(PYTHONPATH=ROOT))
     assert proc.stdout.count("hello from rank") == 1 and "hello from rank 0" in proc.stdout
     r = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     for i in range(2):
