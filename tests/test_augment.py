@@ -237,7 +237,7 @@ def test_multicrop_default_recipe_is_dinos():
 
 def test_multicrop_views_shapes_and_per_view_probabilities(monkeypatch):
     calls = []
-    for name in ("random_resized_crop", "color_jitter", "random_grayscale", "gaussian_blur", "solarize"):
+    for name in ("random_crop_params", "color_jitter", "random_grayscale", "gaussian_blur", "solarize"):
         original = getattr(augment, name)
 
         def spy(x, *args, _name=name, _original=original, **kwargs):
@@ -247,8 +247,8 @@ def test_multicrop_views_shapes_and_per_view_probabilities(monkeypatch):
     x = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8, generator=gen())
     views = MultiCropAugment(24, 12, local_crops_number=3)(x, gen())
     assert [tuple(v.shape) for v in views] == [(3, 3, 24, 24)] * 2 + [(3, 3, 12, 12)] * 3
-    crops = [(args, kw["hflip_p"]) for name, args, kw in calls if name == "random_resized_crop"]
-    assert crops == [((24, (0.4, 1.0)), 0.5)] * 2 + [((12, (0.05, 0.4)), 0.5)] * 3
+    crops = [(args[0], kw["hflip_p"]) for name, args, kw in calls if name == "random_crop_params"]  # scale
+    assert crops == [((0.4, 1.0), 0.5)] * 2 + [((0.05, 0.4), 0.5)] * 3
     p = {name: [kw["p"] for n, _, kw in calls if n == name] for name in ("gaussian_blur", "solarize")}
     assert p == {"gaussian_blur": [1.0, 0.1, 0.5], "solarize": [0.0, 0.2, 0.0]}  # global 1, global 2, locals
     sigmas = [kw["sigma"] for name, _, kw in calls if name == "gaussian_blur"]
