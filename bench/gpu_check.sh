@@ -15,10 +15,10 @@ timeout 150 python3 -m pytest -q -n 8 --maxfail=5 tests/test_attention.py tests/
     | tee "$OUT/tests.log" | tail -25
 # 3. Kernels against every SDPA backend and conv2d; 4. the input pipeline (decode + multi-crop on the GPU).
 timeout 70 python3 -m kernels.bench --out "$OUT/kernels.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
-timeout 60 python3 -m minivit.bench --only loader --out "$OUT/loader.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
+timeout 120 python3 -m minivit.bench --only data --out "$OUT/data.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
 # 5. train_dino.py --compile: both backbones under torch.compile (inductor fuses LayerNorm, GELU, residual adds).
 timeout 200 python3 -m minivit.bench --only dino --builds ours --compile --iters 20 --out "$OUT/dino_compile.md" \
     2>&1 | tee -a "$OUT/log.txt" | tail -12
 # 6. The attention tiles, swept (how kernels/attention.py's _tiles were chosen).
 timeout 170 python3 bench/tune_attention.py 2>&1 | tee "$OUT/tune.md" | tail -14
-cat "$OUT/dino.md" "$OUT/kernels.md" "$OUT/loader.md" 2>/dev/null
+cat "$OUT/dino.md" "$OUT/kernels.md" "$OUT/data.md" 2>/dev/null

@@ -107,7 +107,7 @@ def test_measure_refills_before_every_step_and_guarded_reports_errors():
 
 
 def test_bad_section_is_a_clear_error():
-    with pytest.raises(SystemExit, match="choose from vit,resnet,dino,loader"):
+    with pytest.raises(SystemExit, match="choose from vit,resnet,dino,data"):
         bench.main(["--only", "vit,gpu"])
 
 
