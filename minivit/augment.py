@@ -1,15 +1,21 @@
 """Batched image augmentations in plain PyTorch, on the CPU or the GPU.
 
-Every function takes a float batch (B, 3, H, W) in [0, 1] and a CPU `torch.Generator`: it draws each image's random
-parameters on the CPU (so a seed makes the same random choices on any device), moves them to the images' device and
-transforms the whole batch in a few tensor ops, with no Python loop over images. This is how DINO's multi-crop (2
-global + 8 local views of every image) runs on the GPU from the decoded uint8 batch; the official code makes each
-view with PIL on the CPU, one image at a time.
+Every function takes a batch and a CPU `torch.Generator`: it draws each image's random parameters on the CPU (so a
+seed makes the same random choices on any device), moves them to the images' device and transforms the whole batch
+in a few tensor ops, with no Python loop over images. The crops take a uint8 tensor (B, 3, H, W) or a data.Photos
+batch of whole photos of different sizes (a padded canvas + each photo's size): boxes are drawn in each photo's own
+pixels (torchvision's RandomResizedCrop rule over the whole photo) and resampled with PIL's bicubic coefficients,
+antialiased when shrinking, as two batched matmuls (crop_resize). The photometric ops then take the float crops
+(B, 3, S, S) in [0, 1]. This is how DINO's multi-crop (2 global + 8 local views of every image) runs on the GPU
+from the decoded photos; the official code makes each view with PIL on the CPU, one image at a time.
 
 The recipes are those of torchvision/PIL that DINO uses, with these deliberate differences:
-  - crops are resampled by F.grid_sample, which does not low-pass first: a crop shrunk by more than ~2x aliases a
-    little where PIL would antialias (EvalTransform's single resize does antialias);
-  - the crop boxes are drawn inside the load_size square of minivit/data.py, not inside the full photo;
+  - a crop is computed in float from PIL's own coefficients (tests/test_augment.py: to 1 level of PIL once PIL's
+    uint8 rounding between its two passes is replayed); PIL clips that intermediate to 0..255, we do not, so
+    where the bicubic overshoots (grain, sharp edges) a pixel may differ by up to ~3%, < 0.5 levels on average;
+  - photos larger than a recipe needs are decoded smaller, through the JPEG DCT (data.load_photo), never below
+    the size at which its smallest crop would be enlarged (min_pixels); the official code decodes every photo
+    whole, so it resamples once where we may, in effect, resample twice;
   - Gaussian blur is an exact separable Gaussian (radius 3 sigma, reflect padding) where PIL approximates it with
     box blurs; PIL's uint8 rounding between operations is not reproduced.
 """
