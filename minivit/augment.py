@@ -39,9 +39,22 @@ def _coin(p, n, generator):
     return torch.rand(n, generator=generator) < p
 
 
+def _to_device(values, device):
+    """A small CPU tensor -> device without a sync: a plain .to("cuda") of pageable memory waits for the GPU to
+    finish everything queued (once per augmentation op, that starved the GPU); from pinned memory it does not."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+def _constant(values, x):
+    """A few Python numbers -> a tensor on x's device and dtype, without a sync (see _to_device)."""
+    return _to_device(torch.tensor(values, dtype=x.dtype), x.device)
+
+
 def _per_image(values, x):
     """CPU parameters (n,) -> (n, 1, 1, 1) on x's device and dtype, to broadcast over an image batch."""
-    return values.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    return _to_device(values, x.device).to(x.dtype).view(-1, 1, 1, 1)
 
 
 def _apply(images, chosen, fn, *params):
@@ -51,7 +64,7 @@ def _apply(images, chosen, fn, *params):
         return images
     if len(index) == len(images):  # all of them: no gather / scatter
         return fn(images, *(_per_image(p, images) for p in params))
-    index_dev = index.to(images.device)
+    index_dev = _to_device(index, images.device)
     subset = images.index_select(0, index_dev)
     return images.index_copy(0, index_dev, fn(subset, *(_per_image(p[index], subset) for p in params)))
 
@@ -65,8 +78,7 @@ def to_float(images, dtype=torch.float32):
 
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(B, 3, H, W) in [0, 1] -> (x - mean) / std per channel (ImageNet statistics, as all the official models)."""
-    mean = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    mean, std = _constant(mean, images).view(1, -1, 1, 1), _constant(std, images).view(1, -1, 1, 1)
     return (images - mean) / std
 
 
@@ -126,16 +138,15 @@ def _bicubic(x, a=-0.5):  # Keys' cubic with a = -0.5 (PIL's; grid_sample and Op
 PIL_FILTERS = {"bicubic": (2.0, _bicubic), "bilinear": (1.0, lambda x: (1 - x.abs()).clamp(min=0))}
 
 
-def resample_weights(start, length, in_size, out_size, window_start, window, interpolation="bicubic"):
-    """PIL's resampling coefficients (Resample.c, precompute_coeffs) for n boxes along one axis, as dense rows over
-    a window of source pixels, on start's device and in its float dtype.
+def resample_taps(start, length, in_size, out_size, taps, interpolation="bicubic"):
+    """PIL's resampling coefficients (Resample.c, precompute_coeffs) for n boxes along one axis, on start's device
+    and in its float dtype: -> source pixel index int64 (n, out_size, taps), weight (n, out_size, taps).
 
     Box i covers source pixels [start_i, start_i + length_i); output pixel x samples at its centre
     start + (x + 0.5) length / out_size. Shrinking by s = length / out_size > 1 widens the filter s times (PIL's
     antialiasing: the kernel then averages ~s source pixels per tap instead of skipping them). Taps stop at the
-    photo's own edge (0, in_size_i), never reaching the padding, and each row is normalised to sum 1, as PIL does.
-    start, length, in_size: float (n,); window_start int64 (n,); window: int, the source pixels
-    window_start_i .. window_start_i + window - 1. -> float (n, out_size, window)."""
+    photo's own edge (0, in_size_i), never reaching the padding, and each output's weights sum to 1, as PIL's.
+    start, length, in_size: float (n,); taps: an int >= every box's tap count (_taps); unused taps weigh 0."""
     support, kernel = PIL_FILTERS[interpolation]
     scale = length / out_size                                                    # (n,) source px per output px
     filterscale = scale.clamp(min=1.0)[:, None, None]
@@ -144,63 +155,68 @@ def resample_weights(start, length, in_size, out_size, window_start, window, int
     radius = support * filterscale
     first = (centre - radius + 0.5).trunc().clamp(min=0)                        # PIL's int() truncates
     last = torch.minimum((centre + radius + 0.5).trunc(), in_size[:, None, None])
-    j = (window_start[:, None, None] + torch.arange(window, device=start.device)).to(start.dtype)  # (n, 1, window)
-    w = torch.where((j >= first) & (j < last), kernel((j - centre + 0.5) / filterscale), 0)
-    return w / w.sum(-1, keepdim=True)
+    j = first + torch.arange(taps, device=start.device, dtype=start.dtype)      # (n, out, taps)
+    w = torch.where(j < last, kernel((j - centre + 0.5) / filterscale), 0)
+    return torch.minimum(j, in_size[:, None, None] - 1).long(), w / w.sum(-1, keepdim=True)
 
 
-def _windows(start, length, out_size, interpolation):
-    """The source pixels each box's filter taps can reach, from the CPU boxes: -> window start int64 (n,) and one
-    window length (int) for all n, the longest one (so that one gather and one matmul serve every box)."""
-    radius = PIL_FILTERS[interpolation][0] * (length / out_size).clamp(min=1.0)
-    first = (start + 0.5 * length / out_size - radius).floor().clamp(min=0).long()  # 1 px of margin each side:
-    last = (start + length - 0.5 * length / out_size + radius + 1.5).floor().long()  # float32 on the device
-    return first, int((last - first).max())
+def _taps(scale, interpolation):
+    """How many taps cover the widest filter of these boxes (scale: source px per output px, CPU (n,)) -> int."""
+    return math.ceil(2 * PIL_FILTERS[interpolation][0] * max(1.0, float(scale.max()))) + 2
+
+
+def canvas_rows(images, dtype=torch.float32):
+    """A batch (B, C, H, W), uint8 or float, as the table of its rows that crop_resize samples from: float
+    (B H, C W), row y of image b at b H + y (one strided copy; uint8 stays 0..255, crop_resize scales it)."""
+    B, C, H, W = images.shape
+    dtype = images.dtype if images.dtype.is_floating_point else dtype
+    return torch.empty(B, H, C, W, dtype=dtype, device=images.device).copy_(images.permute(0, 2, 1, 3)).view(
+        B * H, C * W)
 
 
 def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, sizes=None, source=None,
-                dtype=torch.float32):
+                dtype=torch.float32, rows=None):
     """Cut boxes out of a batch and resample each to size x size (an int or (h, w)) as PIL's resize(size, box=...)
-    does, antialiased when shrinking, mirrored where flip is True; the whole batch in one gather and two matmuls.
+    does, antialiased when shrinking, mirrored where flip is True; the whole batch in a fixed handful of kernels.
 
     images: uint8 (B, 3, H, W) (-> values in [0, 1]) or float (same values); boxes: int64 (n, 4: top, left, h, w)
     on the CPU, in the pixels of photo source[i] (default: i), whose true size is sizes[source[i]] (default: all
-    of H x W; a data.Photos canvas passes its sizes); flip: bool (n,) or None. -> float (n, 3, h, w), in images'
-    float dtype, or `dtype` for uint8 images.
+    of H x W; a data.Photos canvas passes its sizes); flip: bool (n,) or None; rows: canvas_rows(images), to share
+    it between calls. -> float (n, 3, h, w), in images' float dtype, or `dtype` for uint8 images.
 
-    Per box, a separable resampling: out = Wy @ window @ Wx^T, where window holds the rows of its photo that the
-    box and the filter's reach span (all columns), and Wy (h, rows), Wx (w, W) hold PIL's coefficients
-    (resample_weights); a flip reverses the rows of Wx. Dense matmuls rather than gathered taps: the zeros cost
-    multiply-adds (~W / taps times more than needed) but a GPU does them at matmul speed, with a constant number
-    of kernels for any batch and no device sync (every size is known on the CPU)."""
+    Separable, as PIL: each output row is first a weighted sum of the few source rows under its filter
+    (resample_taps), one F.embedding_bag over the canvas rows for all crops (weighted sums of table rows, without
+    materialising the gathered rows: work ~ outputs x taps); then each output column a weighted sum of the
+    columns of that, as one batched matmul with the taps scattered into a dense (w, W) matrix per crop (no
+    transpose of the intermediate). No device sync: every size is known on the CPU."""
     n = len(boxes)
     B, C, H, W = images.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
     dtype = images.dtype if images.dtype.is_floating_point else dtype
     if n == 0:
         return images.new_empty(0, C, out_h, out_w, dtype=dtype)
+    device = images.device
     sizes = torch.tensor([H, W]).expand(B, 2) if sizes is None else sizes
     source = torch.arange(n) if source is None else source
     top, left, h, w = boxes.to(torch.float64).unbind(1)
+    taps_y, taps_x = _taps(h / out_h, interpolation), _taps(w / out_w, interpolation)
     photo_h, photo_w = sizes[source].to(torch.float64).unbind(1)
-    row0, rows = _windows(top, h, out_h, interpolation)  # CPU: the window size is known without a device sync
-    params = torch.stack([top, h, photo_h, left, w, photo_w, row0, source], 1)  # one copy to the device
-    top, h, photo_h, left, w, photo_w, row0, source = params.to(images.device, dtype).unbind(1)
-    row0, source = row0.long(), source.long()
-    Wy = resample_weights(top, h, photo_h, out_h, row0, rows, interpolation)        # (n, out_h, rows)
-    Wx = resample_weights(left, w, photo_w, out_w, torch.zeros_like(row0), W, interpolation)  # (n, out_w, W)
-    if flip is not None:
-        Wx = torch.where(flip.to(images.device)[:, None, None], Wx.flip(1), Wx)
+    params = torch.stack([top, h, photo_h, left, w, photo_w, source], 1)  # one copy to the device
+    top, h, photo_h, left, w, photo_w, source = _to_device(params, device).to(dtype).unbind(1)
+    iy, wy = resample_taps(top, h, photo_h, out_h, taps_y, interpolation)          # (n, out_h, taps_y)
+    ix, wx = resample_taps(left, w, photo_w, out_w, taps_x, interpolation)         # (n, out_w, taps_x)
+    if flip is not None:  # mirrored: output column x takes the taps of column out_w - 1 - x
+        flip = _to_device(flip, device)[:, None, None]
+        ix, wx = torch.where(flip, ix.flip(1), ix), torch.where(flip, wx.flip(1), wx)
     if not images.dtype.is_floating_point:
-        Wy = Wy / 255  # uint8 -> [0, 1], folded into the weights
-    # the rows each box needs, copied out of the canvas laid out (B H, C W): one index_select of whole rows
-    r = (row0[:, None] + torch.arange(rows, device=images.device)).clamp(max=H - 1)  # (n, rows); beyond: weight 0
-    lines = images.permute(0, 2, 1, 3).reshape(B * H, C * W)
-    window = lines.index_select(0, (source[:, None] * H + r).flatten()).view(n, rows * C, W).to(dtype)
-    x = window @ Wx.transpose(1, 2)                                     # horizontal pass: (n, rows C, out_w)
-    out = Wy @ x.view(n, rows, C * out_w)                               # vertical pass: (n, out_h, C out_w)
-    # bicubic overshoots at edges; PIL clips too
-    return out.view(n, out_h, C, out_w).transpose(1, 2).clamp(0, 1).contiguous()  # (n, C, out_h, out_w)
+        wy = wy / 255  # uint8 -> [0, 1], folded into the weights
+    rows = canvas_rows(images, dtype) if rows is None else rows                   # (B H, C W)
+    index = source.long()[:, None, None] * H + iy                                 # (n, out_h, taps_y) table rows
+    x = F.embedding_bag(index.view(-1, taps_y), rows, per_sample_weights=wy.view(-1, taps_y), mode="sum")
+    Wx = torch.zeros(n, out_w, W, dtype=dtype, device=device).scatter_add_(2, ix, wx)  # (n, out_w, W)
+    x = x.view(n, out_h * C, W) @ Wx.transpose(1, 2)                               # (n, out_h C, out_w)
+    # -> (n, C, out_h, out_w); bicubic overshoots at edges and PIL clips too
+    return x.view(n, out_h, C, out_w).transpose(1, 2).clamp(0, 1).contiguous()
 
 
 def random_resized_crop(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None,
@@ -221,7 +237,7 @@ def horizontal_flip(images, p=0.5, generator=None):
 
 def _grey(x):
     """(n, 3, H, W) -> (n, 1, H, W) luma."""
-    return (x * torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * _constant(LUMA, x).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def _rgb_to_hsv(x):
@@ -239,7 +255,7 @@ def _rgb_to_hsv(x):
 def _hsv_to_rgb(hue, saturation, value):
     """The inverse of _rgb_to_hsv: channel n in (R, G, B) = (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1),
     k = (n + 6 h) mod 6."""
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=hue.dtype, device=hue.device).view(1, 3, 1, 1)
+    n = _constant([5.0, 3.0, 1.0], hue).view(1, 3, 1, 1)
     k = (n + 6 * hue[:, None]) % 6
     v, s = value[:, None], saturation[:, None]
     return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
@@ -389,19 +405,21 @@ class MultiCropAugment:
         x = solarize(x, p=solarize_p, generator=generator)
         return normalize(x)
 
-    def _crops(self, pixels, sizes, size, scale, number, generator):
+    def _crops(self, pixels, sizes, rows, size, scale, number, generator):
         """`number` views of every photo: (number B, 3, size, size), view k of photo b at row k B + b."""
         params = [random_crop_params(sizes, scale, hflip_p=0.5, generator=generator) for _ in range(number)]
         boxes, flip = (torch.cat(p) for p in zip(*params))
-        return crop_resize(pixels, boxes, size, flip=flip, sizes=sizes, source=torch.arange(len(sizes)).repeat(number))
+        return crop_resize(pixels, boxes, size, flip=flip, sizes=sizes, source=torch.arange(len(sizes)).repeat(number),
+                           rows=rows)
 
     def __call__(self, images, generator=None):
         pixels, sizes = photo_batch(images)
         B, n = len(sizes), self.local_crops_number
-        views = self._crops(pixels, sizes, self.global_crop_size, self.global_crops_scale, 2, generator)
+        rows = canvas_rows(pixels) if B else None  # converted once for the global and the local crops
+        views = self._crops(pixels, sizes, rows, self.global_crop_size, self.global_crops_scale, 2, generator)
         views = [self._photometric(views[:B], 1.0, 0.0, generator), self._photometric(views[B:], 0.1, 0.2, generator)]
         if n > 0:  # the local views share one photometric pass over (n B, 3, L, L)
-            local = self._crops(pixels, sizes, self.local_crop_size, self.local_crops_scale, n, generator)
+            local = self._crops(pixels, sizes, rows, self.local_crop_size, self.local_crops_scale, n, generator)
             local = self._photometric(local, 0.5, 0.0, generator)
             views += list(local.view(n, B, *local.shape[1:]).unbind(0))
         return views

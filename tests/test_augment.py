@@ -295,9 +295,10 @@ def pil_two_pass(array, box, size):
     top, left, h, w = box
     H, W = array.shape[:2]
 
-    def weights(start, length, in_size):
+    def weights(start, length, in_size):  # (size, in_size): the taps scattered into a dense matrix
         t = lambda v: torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
-        return augment.resample_weights(t(start), t(length), t(in_size), size, torch.tensor([0]), in_size)[0].numpy()
+        index, weight = augment.resample_taps(t(start), t(length), t(in_size), size, in_size)
+        return torch.zeros(size, in_size, dtype=torch.float64).scatter_add_(1, index[0], weight[0]).numpy()
     rows = np.einsum("hwc,ow->hoc", array.astype(np.float64), weights(left, w, W)).round().clip(0, 255)
     return np.einsum("ph,hoc->poc", weights(top, h, H), rows)
 
