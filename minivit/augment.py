@@ -57,16 +57,17 @@ def _per_image(values, x):
     return _to_device(values, x.device).to(x.dtype).view(-1, 1, 1, 1)
 
 
-def _apply(images, chosen, fn, *params):
-    """images with fn applied to the chosen images only: fn(x_subset, *params_subset) -> same shape."""
+def _apply(images, chosen, fn, *params, inplace=False):
+    """images with fn applied to the chosen images only: fn(x_subset, *params_subset) -> same shape. inplace: write
+    the results into images itself (for a caller that owns it) rather than into a copy."""
     index = chosen.nonzero().flatten()
     if len(index) == 0:
         return images
     if len(index) == len(images):  # all of them: no gather / scatter
         return fn(images, *(_per_image(p, images) for p in params))
     index_dev = _to_device(index, images.device)
-    subset = images.index_select(0, index_dev)
-    return images.index_copy(0, index_dev, fn(subset, *(_per_image(p[index], subset) for p in params)))
+    subset = fn(images.index_select(0, index_dev), *(_per_image(p[index], images) for p in params))
+    return images.index_copy_(0, index_dev, subset) if inplace else images.index_copy(0, index_dev, subset)
 
 
 def to_float(images, dtype=torch.float32):
@@ -285,9 +286,10 @@ def color_jitter(images, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, 
     factors = [_uniform(max(0.0, 1 - a), 1 + a, B, generator) for a in (brightness, contrast, saturation)]
     factors.append(_uniform(-hue, hue, B, generator))
     order = torch.rand(B, 4, generator=generator).argsort(1)  # order[i, slot] = the op image i does at slot
+    images = images.clone()  # ours now: the 16 subsets below are written into it in place, not into 16 copies
     for slot in range(4):
         for op, fn in enumerate(_JITTER_OPS):
-            images = _apply(images, chosen & (order[:, slot] == op), fn, factors[op])
+            images = _apply(images, chosen & (order[:, slot] == op), fn, factors[op], inplace=True)
     return images
 
 
