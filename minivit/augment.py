@@ -170,7 +170,7 @@ def canvas_rows(images, dtype=torch.float32):
     """A batch (B, C, H, W), uint8 or float, as the table of its rows that crop_resize samples from: float
     (B H, C W), row y of image b at b H + y (one strided copy; uint8 stays 0..255, crop_resize scales it)."""
     B, C, H, W = images.shape
-    dtype = images.dtype if images.dtype.is_floating_point else dtype
+    dtype = torch.promote_types(images.dtype if images.dtype.is_floating_point else dtype, torch.float32)
     return torch.empty(B, H, C, W, dtype=dtype, device=images.device).copy_(images.permute(0, 2, 1, 3)).view(
         B * H, C * W)
 
@@ -183,7 +183,8 @@ def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, sizes=N
     images: uint8 (B, 3, H, W) (-> values in [0, 1]) or float (same values); boxes: int64 (n, 4: top, left, h, w)
     on the CPU, in the pixels of photo source[i] (default: i), whose true size is sizes[source[i]] (default: all
     of H x W; a data.Photos canvas passes its sizes); flip: bool (n,) or None; rows: canvas_rows(images), to share
-    it between calls. -> float (n, 3, h, w), in images' float dtype, or `dtype` for uint8 images.
+    it between calls. -> float (n, 3, h, w), in images' float dtype (at least float32: pixel positions need it),
+    or `dtype` for uint8 images.
 
     Separable, as PIL: each output row is first a weighted sum of the few source rows under its filter
     (resample_taps), one F.embedding_bag over the canvas rows for all crops (weighted sums of table rows, without
@@ -193,7 +194,7 @@ def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, sizes=N
     n = len(boxes)
     B, C, H, W = images.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
-    dtype = images.dtype if images.dtype.is_floating_point else dtype
+    dtype = torch.promote_types(images.dtype if images.dtype.is_floating_point else dtype, torch.float32)
     if n == 0:
         return images.new_empty(0, C, out_h, out_w, dtype=dtype)
     device = images.device

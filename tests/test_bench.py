@@ -137,7 +137,7 @@ def test_data_section_prints_the_yardstick_and_ours_on_a_photo_folder(tmp_path):
     table = "\n".join(bench.bench_data(plan))
     assert "failed" not in table and "4 photos of" in table
     for stage in ("official: Pillow decode + DataAugmentationDINO", "ours: decode (load_photo", "ours / official",
-                  "ours: decode + MultiCropAugment on the CPU", "ours: MultiCropAugment on cpu",
+                  "ours: decode + MultiCropAugment on cpu", "ours: MultiCropAugment on cpu",
                   "ours: decode in the loader", "ours: loader + MultiCropAugment on cpu"):
         assert f"| {stage}" in table, stage
 
