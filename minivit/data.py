@@ -432,7 +432,6 @@ def build_loader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=
     if drop_last and len(sampler) < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {len(sampler)} images per process and "
                          f"drop_last=True leaves no batch; lower the batch size")
+    collate = partial(_collate, load_size=dataset.load_size, photos=getattr(dataset, "min_pixels", None) is not None)
     return Loader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-                  collate_fn=partial(_collate, load_size=dataset.load_size,
-                                         photos=getattr(dataset, "min_pixels", None) is not None), pin_memory=torch.cuda.is_available(),
-                  persistent_workers=num_workers > 0)
+                  collate_fn=collate, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
