@@ -208,7 +208,10 @@ def main(argv=None):
         if family == "vit" and args.drop_path_rate >= 1:
             raise ValueError(f"--drop_path_rate {args.drop_path_rate} would drop every block: use a value below 1")
         info = training.setup_distributed(args.device)
-        train_set = build_dataset(args.data, "train")
+        augment = MultiCropAugment(args.global_crop_size, args.local_crop_size, args.local_crops_number,
+                                   tuple(args.global_crops_scale), tuple(args.local_crops_scale))
+        # image folders: whole photos, decoded no smaller than the smallest crop needs (data.load_photo)
+        train_set = build_dataset(args.data, "train", min_pixels=augment.min_pixels)
         if args.knn_data == "none":
             knn_sets = None
         elif args.knn_data is not None:
@@ -217,7 +220,7 @@ def main(argv=None):
             knn_sets = tuple(ShapesDataset(split, 64, num_images=KNN_SHAPES[split]) for split in ("train", "test"))
         else:
             try:
-                knn_sets = (train_set, build_dataset(args.data, "test"))
+                knn_sets = (build_dataset(args.data, "train"), build_dataset(args.data, "test"))  # eval views
             except ValueError as e:  # e.g. imagenet/train: labelled, but no held-out split beside it
                 knn_sets = None
                 training.print0(f"note: no k-NN evaluation ({e}); pass --knn_data with train/ and val/")
@@ -252,8 +255,6 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     niter = min(len(loader), args.iters_per_epoch or len(loader))
-    augment = MultiCropAugment(args.global_crop_size, args.local_crop_size, args.local_crops_number,
-                               tuple(args.global_crops_scale), tuple(args.local_crops_scale))
     torch.manual_seed(args.seed)  # the same initial weights on every process
     if family == "vit":  # position table sized for the global crops (224: 196 + 1 at /16); drop path: student only
         student = build_model(args.arch, img_size=args.global_crop_size, drop_path_rate=args.drop_path_rate)
@@ -311,7 +312,7 @@ def main(argv=None):
         training.trim_log(out / "log.jsonl", start_epoch)  # killed after logging an epoch but before saving it
 
     if family == "vit":  # fixed images for the attention maps, and the objects' masks for a Jaccard index (shapes)
-        att_set = knn_sets[1] if knn_sets else train_set
+        att_set = knn_sets[1] if knn_sets else build_dataset(args.data, "train")  # square evaluation views
         shapes = isinstance(att_set, ShapesDataset) and att_set.load_size % patch == 0
         att_n, S = (32 if shapes else 2), att_set.load_size // patch * patch
         att_images = EvalTransform(S)(torch.stack([att_set[i][0] for i in range(att_n)])).to(device)
@@ -341,8 +342,8 @@ def main(argv=None):
             images = images.to(device, non_blocking=True)
             if args.seed_per_image:
                 batch = indices[it * args.batch_size_per_gpu:][:len(images)]
-                views = [augment(x[None], torch.Generator().manual_seed(step_seed(args.seed, epoch, i)))
-                         for x, i in zip(images, batch)]
+                views = [augment(images[k:k + 1], torch.Generator().manual_seed(step_seed(args.seed, epoch, i)))
+                         for k, i in enumerate(batch)]
                 crops = [torch.cat(v) for v in zip(*views)]
             else:
                 crops = augment(images, torch.Generator().manual_seed(step_seed(args.seed, epoch, it, rank)))

@@ -48,8 +48,9 @@ g = parser.add_argument_group("data")
 g.add_argument("--data", default=None, help="an ImageNet-style or CIFAR folder; default: digits (offline)")
 g.add_argument("--image_size", type=int, default=None, help="training/test resolution; default 224, 16 offline. "
                "Must be a multiple of the patch size")
-g.add_argument("--load_size", type=int, default=None, help="side of the square images decoded from disk, crops are "
-               "taken inside it; default 256 for image folders, 32 for CIFAR, 16 offline")
+g.add_argument("--load_size", type=int, default=None, help="side of the square images decoded from disk (CIFAR, "
+               "digits: crops are taken inside it; image folders: the test view's Resize + centre square, training "
+               "crops come from the whole photo); default 256 for image folders, 32 for CIFAR, 16 offline")
 g.add_argument("--crop_scale", type=float, default=None, help="smallest area fraction of RandomResizedCrop; default "
                "0.08 (Inception/DeiT), 0.8 offline. Raise it for small images where a tiny crop is unrecognisable")
 g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips; on for "
@@ -116,7 +117,10 @@ training.print0(f"{info.world_size} process(es) on {info.device}, precision {pre
 
 # ------------------------------------------------------------------------------- data, model, optimizer, schedules
 with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
-    train_set = subset(build_dataset(args.data, "train", args.load_size), args.train_fraction, args.seed)
+    augment = SupervisedAugment(args.image_size, scale=(args.crop_scale, 1.0), hflip=args.hflip)
+    # image folders: training crops from the whole photo (decoded no smaller than the smallest crop needs)
+    train_set = subset(build_dataset(args.data, "train", args.load_size, augment.min_pixels), args.train_fraction,
+                       args.seed)
     test_set = build_dataset(args.data, "test", args.load_size)
     training.print0(f"train {describe(train_set)}\ntest  {describe(test_set)}")
     train_loader = build_loader(train_set, args.batch_size, shuffle=True, drop_last=True,
@@ -124,7 +128,6 @@ with cli.errors():  # a missing folder, a batch larger than the data set, weight
     test_loader = build_loader(test_set, args.batch_size, shuffle=False, drop_last=False,
                                num_workers=args.num_workers, distributed=info.distributed)
     steps = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
-    augment = SupervisedAugment(args.image_size, scale=(args.crop_scale, 1.0), hflip=args.hflip)
     # the test view: the centre image_size square of the load_size image (224 of 256 for ImageNet)
     eval_transform = EvalTransform(args.image_size, resize=max(train_set.load_size, args.image_size))
 

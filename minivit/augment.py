@@ -1,15 +1,21 @@
 """Batched image augmentations in plain PyTorch, on the CPU or the GPU.
 
-Every function takes a float batch (B, 3, H, W) in [0, 1] and a CPU `torch.Generator`: it draws each image's random
-parameters on the CPU (so a seed makes the same random choices on any device), moves them to the images' device and
-transforms the whole batch in a few tensor ops, with no Python loop over images. This is how DINO's multi-crop (2
-global + 8 local views of every image) runs on the GPU from the decoded uint8 batch; the official code makes each
-view with PIL on the CPU, one image at a time.
+Every function takes a batch and a CPU `torch.Generator`: it draws each image's random parameters on the CPU (so a
+seed makes the same random choices on any device), moves them to the images' device and transforms the whole batch
+in a few tensor ops, with no Python loop over images. The crops take a uint8 tensor (B, 3, H, W) or a data.Photos
+batch of whole photos of different sizes (a padded canvas + each photo's size): boxes are drawn in each photo's own
+pixels (torchvision's RandomResizedCrop rule over the whole photo) and resampled with PIL's bicubic coefficients,
+antialiased when shrinking, as two batched matmuls (crop_resize). The photometric ops then take the float crops
+(B, 3, S, S) in [0, 1]. This is how DINO's multi-crop (2 global + 8 local views of every image) runs on the GPU
+from the decoded photos; the official code makes each view with PIL on the CPU, one image at a time.
 
 The recipes are those of torchvision/PIL that DINO uses, with these deliberate differences:
-  - crops are resampled by F.grid_sample, which does not low-pass first: a crop shrunk by more than ~2x aliases a
-    little where PIL would antialias (EvalTransform's single resize does antialias);
-  - the crop boxes are drawn inside the load_size square of minivit/data.py, not inside the full photo;
+  - a crop is computed in float from PIL's own coefficients (tests/test_augment.py: to 1 level of PIL once PIL's
+    uint8 rounding between its two passes is replayed); PIL clips that intermediate to 0..255, we do not, so
+    where the bicubic overshoots (grain, sharp edges) a pixel may differ by up to ~3%, < 0.5 levels on average;
+  - photos larger than a recipe needs are decoded smaller, through the JPEG DCT (data.load_photo), never below
+    the size at which its smallest crop would be enlarged (min_pixels); the official code decodes every photo
+    whole, so it resamples once where we may, in effect, resample twice;
   - Gaussian blur is an exact separable Gaussian (radius 3 sigma, reflect padding) where PIL approximates it with
     box blurs; PIL's uint8 rounding between operations is not reproduced.
 """
@@ -33,21 +39,35 @@ def _coin(p, n, generator):
     return torch.rand(n, generator=generator) < p
 
 
+def _to_device(values, device):
+    """A small CPU tensor -> device without a sync: a plain .to("cuda") of pageable memory waits for the GPU to
+    finish everything queued (once per augmentation op, that starved the GPU); from pinned memory it does not."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+def _constant(values, x):
+    """A few Python numbers -> a tensor on x's device and dtype, without a sync (see _to_device)."""
+    return _to_device(torch.tensor(values, dtype=x.dtype), x.device)
+
+
 def _per_image(values, x):
     """CPU parameters (n,) -> (n, 1, 1, 1) on x's device and dtype, to broadcast over an image batch."""
-    return values.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    return _to_device(values, x.device).to(x.dtype).view(-1, 1, 1, 1)
 
 
-def _apply(images, chosen, fn, *params):
-    """images with fn applied to the chosen images only: fn(x_subset, *params_subset) -> same shape."""
+def _apply(images, chosen, fn, *params, inplace=False):
+    """images with fn applied to the chosen images only: fn(x_subset, *params_subset) -> same shape. inplace: write
+    the results into images itself (for a caller that owns it) rather than into a copy."""
     index = chosen.nonzero().flatten()
     if len(index) == 0:
         return images
     if len(index) == len(images):  # all of them: no gather / scatter
         return fn(images, *(_per_image(p, images) for p in params))
-    index_dev = index.to(images.device)
-    subset = images.index_select(0, index_dev)
-    return images.index_copy(0, index_dev, fn(subset, *(_per_image(p[index], subset) for p in params)))
+    index_dev = _to_device(index, images.device)
+    subset = fn(images.index_select(0, index_dev), *(_per_image(p[index], images) for p in params))
+    return images.index_copy_(0, index_dev, subset) if inplace else images.index_copy(0, index_dev, subset)
 
 
 def to_float(images, dtype=torch.float32):
@@ -59,32 +79,40 @@ def to_float(images, dtype=torch.float32):
 
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(B, 3, H, W) in [0, 1] -> (x - mean) / std per channel (ImageNet statistics, as all the official models)."""
-    mean = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    mean, std = _constant(mean, images).view(1, -1, 1, 1), _constant(std, images).view(1, -1, 1, 1)
     return (images - mean) / std
 
 
+def photo_batch(images):
+    """A batch to crop from -> (pixels uint8 or float (B, 3, H, W), sizes int64 (B, 2) on the CPU): a data.Photos
+    batch of whole photos (each pixels[i, :, :h_i, :w_i]), or a plain tensor whose images fill it."""
+    if isinstance(images, torch.Tensor):
+        return images, torch.tensor(images.shape[-2:], dtype=torch.int64).expand(len(images), 2)
+    return images.pixels, images.sizes
+
+
 def sample_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
-    """torchvision's RandomResizedCrop boxes for n images of height x width -> int64 (n, 4): top, left, h, w.
+    """torchvision's RandomResizedCrop boxes for n images of height x width (ints, or int64 (n,) tensors: one size
+    per photo) -> int64 (n, 4): top, left, h, w, in each image's own pixels.
 
     Up to 10 tries per image: area ~ U(scale) * H * W and log aspect ratio ~ U(log ratio); the first box that fits
     is kept at a uniform position; if none fits, the central crop clipped to the ratio range (torchvision's rule).
     """
     tries = 10
-    area = height * width * _uniform(scale[0], scale[1], (n, tries), generator)
+    height = torch.as_tensor(height, dtype=torch.int64).expand(n)
+    width = torch.as_tensor(width, dtype=torch.int64).expand(n)
+    area = (height * width)[:, None] * _uniform(scale[0], scale[1], (n, tries), generator)
     aspect = torch.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), (n, tries), generator))
     w = torch.sqrt(area * aspect).round().long()
     h = torch.sqrt(area / aspect).round().long()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.long().argmax(1, keepdim=True)  # index of the first box that fits (0 when none does)
     found = fits.any(1)
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
     # fallback: the whole image, cut to the nearest allowed aspect ratio
-    fallback_w, fallback_h = width, height
-    if width / height < min(ratio):
-        fallback_h = round(width / min(ratio))
-    elif width / height > max(ratio):
-        fallback_w = round(height * max(ratio))
+    image_ratio = width / height
+    fallback_h = torch.where(image_ratio < min(ratio), (width / min(ratio)).round().long(), height)
+    fallback_w = torch.where(image_ratio > max(ratio), (height * max(ratio)).round().long(), width)
     w = torch.where(found, w, fallback_w)
     h = torch.where(found, h, fallback_h)
     top = (torch.rand(n, generator=generator, dtype=torch.float64) * (height - h + 1)).floor().long()
@@ -94,34 +122,114 @@ def sample_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     return torch.stack([top, left, h, w], 1)
 
 
-def crop_resize(images, boxes, size, interpolation="bicubic", flip=None):
-    """Cut boxes (n, 4: top, left, h, w in pixels) out of images (n, 3, H, W) and resample each to size (int or
-    (h, w)), mirrored where flip (n,) bool is True: one F.grid_sample with a per-image affine grid."""
-    n, C, H, W = images.shape
+def random_crop_params(sizes, scale, ratio=(3 / 4, 4 / 3), hflip_p=0.0, generator=None):
+    """RandomResizedCrop's (+ RandomHorizontalFlip's) random choices for photos of sizes int64 (n, 2: h, w)
+    -> boxes int64 (n, 4: top, left, h, w) in each photo's own pixels, flip bool (n,). All on the CPU."""
+    boxes = sample_crop_boxes(len(sizes), sizes[:, 0], sizes[:, 1], scale, ratio, generator)
+    return boxes, _coin(hflip_p, len(sizes), generator)
+
+
+# PIL's resampling filters (Resample.c): support in source pixels at scale 1, and the kernel
+def _bicubic(x, a=-0.5):  # Keys' cubic with a = -0.5 (PIL's; grid_sample and OpenCV use -0.75)
+    x = x.abs()
+    return torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                       torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0))
+
+
+PIL_FILTERS = {"bicubic": (2.0, _bicubic), "bilinear": (1.0, lambda x: (1 - x.abs()).clamp(min=0))}
+
+
+def resample_taps(start, length, in_size, out_size, taps, interpolation="bicubic"):
+    """PIL's resampling coefficients (Resample.c, precompute_coeffs) for n boxes along one axis, on start's device
+    and in its float dtype: -> source pixel index int64 (n, out_size, taps), weight (n, out_size, taps).
+
+    Box i covers source pixels [start_i, start_i + length_i); output pixel x samples at its centre
+    start + (x + 0.5) length / out_size. Shrinking by s = length / out_size > 1 widens the filter s times (PIL's
+    antialiasing: the kernel then averages ~s source pixels per tap instead of skipping them). Taps stop at the
+    photo's own edge (0, in_size_i), never reaching the padding, and each output's weights sum to 1, as PIL's.
+    start, length, in_size: float (n,); taps: an int >= every box's tap count (_taps); unused taps weigh 0."""
+    support, kernel = PIL_FILTERS[interpolation]
+    scale = length / out_size                                                    # (n,) source px per output px
+    filterscale = scale.clamp(min=1.0)[:, None, None]
+    x = torch.arange(out_size, device=start.device, dtype=start.dtype)
+    centre = (start[:, None] + (x + 0.5) * scale[:, None])[..., None]           # (n, out, 1)
+    radius = support * filterscale
+    first = (centre - radius + 0.5).trunc().clamp(min=0)                        # PIL's int() truncates
+    last = torch.minimum((centre + radius + 0.5).trunc(), in_size[:, None, None])
+    j = first + torch.arange(taps, device=start.device, dtype=start.dtype)      # (n, out, taps)
+    w = torch.where(j < last, kernel((j - centre + 0.5) / filterscale), 0)
+    return torch.minimum(j, in_size[:, None, None] - 1).long(), w / w.sum(-1, keepdim=True)
+
+
+def _taps(scale, interpolation):
+    """How many taps cover the widest filter of these boxes (scale: source px per output px, CPU (n,)) -> int."""
+    return math.ceil(2 * PIL_FILTERS[interpolation][0] * max(1.0, float(scale.max()))) + 2
+
+
+def canvas_rows(images, dtype=torch.float32):
+    """A batch (B, C, H, W), uint8 or float, as the table of its rows that crop_resize samples from: float
+    (B H, C W), row y of image b at b H + y (one strided copy; uint8 stays 0..255, crop_resize scales it)."""
+    B, C, H, W = images.shape
+    dtype = torch.promote_types(images.dtype if images.dtype.is_floating_point else dtype, torch.float32)
+    return torch.empty(B, H, C, W, dtype=dtype, device=images.device).copy_(images.permute(0, 2, 1, 3)).view(
+        B * H, C * W)
+
+
+def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, sizes=None, source=None,
+                dtype=torch.float32, rows=None):
+    """Cut boxes out of a batch and resample each to size x size (an int or (h, w)) as PIL's resize(size, box=...)
+    does, antialiased when shrinking, mirrored where flip is True; the whole batch in a fixed handful of kernels.
+
+    images: uint8 (B, 3, H, W) (-> values in [0, 1]) or float (same values); boxes: int64 (n, 4: top, left, h, w)
+    on the CPU, in the pixels of photo source[i] (default: i), whose true size is sizes[source[i]] (default: all
+    of H x W; a data.Photos canvas passes its sizes); flip: bool (n,) or None; rows: canvas_rows(images), to share
+    it between calls. -> float (n, 3, h, w), in images' float dtype (at least float32: pixel positions need it),
+    or `dtype` for uint8 images.
+
+    Separable, as PIL: each output row is first a weighted sum of the few source rows under its filter
+    (resample_taps), one F.embedding_bag over the canvas rows for all crops (weighted sums of table rows, without
+    materialising the gathered rows: work ~ outputs x taps); then each output column a weighted sum of the
+    columns of that, as one batched matmul with the taps scattered into a dense (w, W) matrix per crop (no
+    transpose of the intermediate). No device sync: every size is known on the CPU."""
+    n = len(boxes)
+    B, C, H, W = images.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
-    if n == 0:  # an empty batch (every file of it unreadable): affine_grid refuses zero sizes
-        return images.new_empty(0, C, out_h, out_w)
+    dtype = torch.promote_types(images.dtype if images.dtype.is_floating_point else dtype, torch.float32)
+    if n == 0:
+        return images.new_empty(0, C, out_h, out_w, dtype=dtype)
+    device = images.device
+    sizes = torch.tensor([H, W]).expand(B, 2) if sizes is None else sizes
+    source = torch.arange(n) if source is None else source
     top, left, h, w = boxes.to(torch.float64).unbind(1)
-    # grid_sample coordinates (align_corners=False): -1 and +1 are the outer edges of the first and last pixel
-    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = w / W if flip is None else torch.where(flip, -w / W, w / W)  # half-width; negative = mirror
-    theta[:, 0, 2] = (2 * left + w) / W - 1  # centre x
-    theta[:, 1, 1] = h / H
-    theta[:, 1, 2] = (2 * top + h) / H - 1
-    grid = F.affine_grid(theta.to(images.device, images.dtype), [n, C, out_h, out_w], align_corners=False)
-    out = F.grid_sample(images, grid, mode=interpolation, padding_mode="border", align_corners=False)
-    return out.clamp(0, 1) if interpolation == "bicubic" else out  # bicubic overshoots at edges
+    taps_y, taps_x = _taps(h / out_h, interpolation), _taps(w / out_w, interpolation)
+    photo_h, photo_w = sizes[source].to(torch.float64).unbind(1)
+    params = torch.stack([top, h, photo_h, left, w, photo_w, source], 1)  # one copy to the device
+    top, h, photo_h, left, w, photo_w, source = _to_device(params, device).to(dtype).unbind(1)
+    iy, wy = resample_taps(top, h, photo_h, out_h, taps_y, interpolation)          # (n, out_h, taps_y)
+    ix, wx = resample_taps(left, w, photo_w, out_w, taps_x, interpolation)         # (n, out_w, taps_x)
+    if flip is not None:  # mirrored: output column x takes the taps of column out_w - 1 - x
+        flip = _to_device(flip, device)[:, None, None]
+        ix, wx = torch.where(flip, ix.flip(1), ix), torch.where(flip, wx.flip(1), wx)
+    if not images.dtype.is_floating_point:
+        wy = wy / 255  # uint8 -> [0, 1], folded into the weights
+    rows = canvas_rows(images, dtype) if rows is None else rows                   # (B H, C W)
+    index = source.long()[:, None, None] * H + iy                                 # (n, out_h, taps_y) table rows
+    x = F.embedding_bag(index.view(-1, taps_y), rows, per_sample_weights=wy.view(-1, taps_y), mode="sum")
+    Wx = torch.zeros(n, out_w, W, dtype=dtype, device=device).scatter_add_(2, ix, wx)  # (n, out_w, W)
+    x = x.view(n, out_h * C, W) @ Wx.transpose(1, 2)                               # (n, out_h C, out_w)
+    # -> (n, C, out_h, out_w); bicubic overshoots at edges and PIL clips too
+    return x.view(n, out_h, C, out_w).transpose(1, 2).clamp(0, 1).contiguous()
 
 
 def random_resized_crop(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None,
                         interpolation="bicubic", hflip_p=0.0):
-    """Inception-style random crop of (B, 3, H, W) -> (B, 3, size, size): a box of scale*area and aspect ratio in
-    ratio per image (sample_crop_boxes), resampled to size; mirrored with probability hflip_p (free: it is the
-    sign of the sampling grid)."""
-    B, _, H, W = images.shape
-    boxes = sample_crop_boxes(B, H, W, scale, ratio, generator)
-    flip = _coin(hflip_p, B, generator)
-    return crop_resize(images, boxes, size, interpolation, flip)
+    """Inception-style random crop of a batch (a tensor (B, 3, H, W), uint8 or float in [0, 1], or data.Photos)
+    -> float (B, 3, size, size): a box of scale*area and aspect ratio in ratio of each photo's own H x W
+    (random_crop_params), resampled to size as PIL would; mirrored with probability hflip_p (free: it reverses
+    the horizontal weights)."""
+    pixels, sizes = photo_batch(images)
+    boxes, flip = random_crop_params(sizes, scale, ratio, hflip_p, generator)
+    return crop_resize(pixels, boxes, size, interpolation, flip, sizes)
 
 
 def horizontal_flip(images, p=0.5, generator=None):
@@ -131,7 +239,7 @@ def horizontal_flip(images, p=0.5, generator=None):
 
 def _grey(x):
     """(n, 3, H, W) -> (n, 1, H, W) luma."""
-    return (x * torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * _constant(LUMA, x).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def _rgb_to_hsv(x):
@@ -149,7 +257,7 @@ def _rgb_to_hsv(x):
 def _hsv_to_rgb(hue, saturation, value):
     """The inverse of _rgb_to_hsv: channel n in (R, G, B) = (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1),
     k = (n + 6 h) mod 6."""
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=hue.dtype, device=hue.device).view(1, 3, 1, 1)
+    n = _constant([5.0, 3.0, 1.0], hue).view(1, 3, 1, 1)
     k = (n + 6 * hue[:, None]) % 6
     v, s = value[:, None], saturation[:, None]
     return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
@@ -179,9 +287,10 @@ def color_jitter(images, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, 
     factors = [_uniform(max(0.0, 1 - a), 1 + a, B, generator) for a in (brightness, contrast, saturation)]
     factors.append(_uniform(-hue, hue, B, generator))
     order = torch.rand(B, 4, generator=generator).argsort(1)  # order[i, slot] = the op image i does at slot
+    images = images.clone()  # ours now: the 16 subsets below are written into it in place, not into 16 copies
     for slot in range(4):
         for op, fn in enumerate(_JITTER_OPS):
-            images = _apply(images, chosen & (order[:, slot] == op), fn, factors[op])
+            images = _apply(images, chosen & (order[:, slot] == op), fn, factors[op], inplace=True)
     return images
 
 
@@ -222,17 +331,24 @@ def solarize(images, p=0.2, threshold=0.5, generator=None):
     return _apply(images, _coin(p, images.shape[0], generator), lambda x: torch.where(x >= threshold, 1 - x, x))
 
 
+def min_pixels(crops):
+    """The decoded size (pixels) that keeps every crop of a recipe from being enlarged: [(output side, smallest
+    area fraction), ...] -> max side^2 / fraction. A photo with that many pixels gives even the smallest crop at
+    least one source pixel per output pixel; data.load_photo decodes large photos down to it and no further."""
+    return max(math.ceil(side ** 2 / scale) for side, scale in crops)
+
+
 class SupervisedAugment:
-    """Training views for supervised ViT / ResNet: RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)) + flip +
-    ImageNet normalisation (the Inception crop of the ViT/DeiT and torchvision recipes).
-    __call__(uint8 (B, 3, S, S), generator) -> float (B, 3, size, size)."""
+    """Training views for supervised ViT / ResNet: RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)) of the whole
+    photo + flip + ImageNet normalisation (the Inception crop of the ViT/DeiT and torchvision recipes).
+    __call__(uint8 (B, 3, S, S) or data.Photos, generator) -> float (B, 3, size, size)."""
 
     def __init__(self, size, scale=(0.08, 1.0), hflip=True, interpolation="bicubic"):
         self.size, self.scale, self.hflip, self.interpolation = size, scale, hflip, interpolation
+        self.min_pixels = min_pixels([(size, scale[0])])  # 224^2 / 0.08 = 627,200 for ImageNet's recipe
 
     def __call__(self, images, generator=None):
-        x = to_float(images)
-        x = random_resized_crop(x, self.size, self.scale, generator=generator, interpolation=self.interpolation,
+        x = random_resized_crop(images, self.size, self.scale, generator=generator, interpolation=self.interpolation,
                                 hflip_p=0.5 if self.hflip else 0.0)
         return normalize(x)
 
@@ -249,6 +365,9 @@ class EvalTransform:
         self.size, self.resize = size, resize or size
 
     def __call__(self, images, generator=None):
+        if not isinstance(images, torch.Tensor):
+            raise ValueError("EvalTransform takes square uint8 batches: build the evaluation data set without "
+                             "min_pixels (data.load_image's Resize + centre square)")
         x = to_float(images)
         H, W = x.shape[-2:]
         if min(H, W) != self.resize:  # torchvision's Resize(int): shorter side -> resize, longer side in proportion
@@ -261,13 +380,16 @@ class EvalTransform:
 
 class MultiCropAugment:
     """DINO's multi-crop (Caron et al. 2021, sec. 3.1 and appendix D; DataAugmentationDINO in the official
-    main_dino.py): 2 global views of global_crop_size from global_crops_scale of the image, and
-    local_crops_number local views of local_crop_size from local_crops_scale, all bicubic. Every view is flipped
-    (p=0.5), colour-jittered (0.4, 0.4, 0.2, 0.1; p=0.8), made grey (p=0.2), blurred (sigma U(0.1, 2); p=1.0 for
-    global view 1, 0.1 for global view 2, 0.5 for local views), solarized (p=0.2, global view 2 only) and
-    normalised with ImageNet statistics. The blur's sigma is in pixels of a 224 px global view: smaller crops get
-    it scaled by global_crop_size / 224, so that a 32 px view is blurred as much as a 224 px one, not 7x more.
-    __call__(uint8 (B, 3, S, S), generator) -> [(B, 3, G, G)] * 2 + [(B, 3, L, L)] * local_crops_number."""
+    main_dino.py): 2 global views of global_crop_size from global_crops_scale of the photo, and
+    local_crops_number local views of local_crop_size from local_crops_scale, all bicubic, every box drawn over the
+    whole photo at its own size and aspect. Every view is flipped (p=0.5), colour-jittered (0.4, 0.4, 0.2, 0.1;
+    p=0.8), made grey (p=0.2), blurred (sigma U(0.1, 2); p=1.0 for global view 1, 0.1 for global view 2, 0.5 for
+    local views), solarized (p=0.2, global view 2 only) and normalised with ImageNet statistics. The blur's sigma is
+    in pixels of a 224 px global view: smaller crops get it scaled by global_crop_size / 224, so that a 32 px view
+    is blurred as much as a 224 px one, not 7x more.
+    The crops of all global views, then of all local views, are cut in one crop_resize call each.
+    __call__(uint8 (B, 3, S, S) or data.Photos, generator)
+    -> [(B, 3, G, G)] * 2 + [(B, 3, L, L)] * local_crops_number, float32."""
 
     def __init__(self, global_crop_size=224, local_crop_size=96, local_crops_number=8,
                  global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4)):
@@ -275,6 +397,9 @@ class MultiCropAugment:
         self.local_crops_number = local_crops_number
         self.global_crops_scale, self.local_crops_scale = global_crops_scale, local_crops_scale
         self.blur_sigma = (0.1 * global_crop_size / 224, 2.0 * global_crop_size / 224)
+        crops = [(global_crop_size, global_crops_scale[0])] + \
+            [(local_crop_size, local_crops_scale[0])] * (local_crops_number > 0)
+        self.min_pixels = min_pixels(crops)  # 96^2 / 0.05 = 184,320 for DINO's defaults (about 500 x 375)
 
     def _photometric(self, x, blur_p, solarize_p, generator):
         x = color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8, generator=generator)
@@ -283,14 +408,21 @@ class MultiCropAugment:
         x = solarize(x, p=solarize_p, generator=generator)
         return normalize(x)
 
+    def _crops(self, pixels, sizes, rows, size, scale, number, generator):
+        """`number` views of every photo: (number B, 3, size, size), view k of photo b at row k B + b."""
+        params = [random_crop_params(sizes, scale, hflip_p=0.5, generator=generator) for _ in range(number)]
+        boxes, flip = (torch.cat(p) for p in zip(*params))
+        return crop_resize(pixels, boxes, size, flip=flip, sizes=sizes, source=torch.arange(len(sizes)).repeat(number),
+                           rows=rows)
+
     def __call__(self, images, generator=None):
-        x = to_float(images)
-        crop = lambda size, scale: random_resized_crop(x, size, scale, generator=generator, hflip_p=0.5)  # noqa: E731
-        views = [self._photometric(crop(self.global_crop_size, self.global_crops_scale), 1.0, 0.0, generator),
-                 self._photometric(crop(self.global_crop_size, self.global_crops_scale), 0.1, 0.2, generator)]
-        if self.local_crops_number > 0:  # the local views share one photometric pass over (n B, 3, L, L)
-            local = torch.cat([crop(self.local_crop_size, self.local_crops_scale)
-                               for _ in range(self.local_crops_number)])
+        pixels, sizes = photo_batch(images)
+        B, n = len(sizes), self.local_crops_number
+        rows = canvas_rows(pixels) if B else None  # converted once for the global and the local crops
+        views = self._crops(pixels, sizes, rows, self.global_crop_size, self.global_crops_scale, 2, generator)
+        views = [self._photometric(views[:B], 1.0, 0.0, generator), self._photometric(views[B:], 0.1, 0.2, generator)]
+        if n > 0:  # the local views share one photometric pass over (n B, 3, L, L)
+            local = self._crops(pixels, sizes, rows, self.local_crop_size, self.local_crops_scale, n, generator)
             local = self._photometric(local, 0.5, 0.0, generator)
-            views += list(local.view(self.local_crops_number, *x.shape[:2], *local.shape[-2:]).unbind(0))
+            views += list(local.view(n, B, *local.shape[1:]).unbind(0))
         return views

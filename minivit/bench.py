@@ -9,7 +9,9 @@ Sections (each prints one markdown table; a failure such as an OOM becomes a "fa
   resnet  ResNet-50 step (bf16, channels_last, SGD) with the issue's reference point;
   dino    a full DINO step (teacher on 2 global crops, student on 2 global + 8 local, DINOLoss, backward, per-tensor
           clipping, AdamW, teacher EMA; data already on the device), ours vs plain, with the issue-6 targets;
-  loader  JPEG decode in DataLoader workers, MultiCropAugment on the device, and both together.
+  data    on a photo folder (--data, or one made by minivit.photo_folder): the official per-image Pillow pipeline
+          (decode + DataAugmentationDINO, written here) as the yardstick, then ours: decode per core and in N loader
+          workers, MultiCropAugment on the device, and both together.
 
 "ours" runs minivit.vit as written: kernels.attention (fused FlashAttention-style) and kernels.patch_embed (one
 GEMM) -- Triton on CUDA, their PyTorch references on a CPU. "plain" runs the very same model and weights with the
@@ -19,12 +21,13 @@ time.perf_counter on a CPU), fresh random inputs before every step (never zeros)
 torch.cuda.max_memory_allocated. FLOPs are model FLOPs (2 per multiply-add of the matrix products, backward = 2x
 forward); bench/NOTES.md derives them by hand and compares with the H200's ~790 TFLOP/s bf16 dense.
 """
-import argparse
 import contextlib
 import gc
 import importlib.metadata
+import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -39,14 +42,15 @@ import torch.nn.functional as F
 
 from kernels import HAS_TRITON, interpreter_on, use_triton
 from kernels.patch_embed import patch_embed_reference, patch_embed_tokens_reference
-from minivit import vit
-from minivit.augment import MultiCropAugment
-from minivit.data import build_dataset, build_loader
+from minivit import cli, vit
+from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment
+from minivit.data import Photos, build_dataset, build_loader, load_photo
+from minivit.photo_folder import make_photo_folder
 from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper, clip_gradients, update_teacher
 from minivit.models import build_model
-from minivit.training import param_groups
+from minivit.training import param_groups, pick_device
 
-SECTIONS = ("vit", "resnet", "dino", "loader")
+SECTIONS = ("vit", "resnet", "dino", "data")
 GIB = 2 ** 30
 H200_BF16_FLOPS = 790e12  # dense bf16 matmul measured on the lent H200 (shared/GPU.md)
 # issue 6, one H200: the official DINO code (img/s, GiB) and the targets for our build
@@ -202,11 +206,12 @@ class Plan:
     local_size: int
     dino_batch: dict
     out_dim: int  # DINO prototypes K
-    jpegs: int  # distinct JPEGs written for the loader section (make_jpegs links each 4 times)
+    photos: int  # photos timed in the data section (made by minivit.photo_folder unless --data names a folder)
     loader_batch: int
     workers: int
     archs: tuple = ("vit_s16", "vit_s8")  # the ViT and DINO rows
     builds: tuple = ("ours", "plain")  # which builds to time (see the module docstring)
+    data: str | None = None  # the data section's photo folder
     compile: bool = False  # DINO: torch.compile the student's and teacher's backbones (inductor fuses LN, GELU, adds)
 
     @property
@@ -222,12 +227,12 @@ def make_plan(device, quick):
     if device.type == "cuda":
         return Plan(device, amp=torch.bfloat16, warmup=2 if quick else 3, iters=5 if quick else 10, img_size=224,
                     vit_batch={"vit_s16": 128, "vit_s8": 32}, resnet_batch=256, global_size=224, local_size=96,
-                    dino_batch={"vit_s16": 128, "vit_s8": 32}, out_dim=65536, jpegs=256, loader_batch=64,
-                    workers=min(8, os.cpu_count() or 1))
+                    dino_batch={"vit_s16": 128, "vit_s8": 32}, out_dim=65536, photos=512, loader_batch=128,
+                    workers=min(16, os.cpu_count() or 1))
     img, glob, loc, k = (64, 64, 32, 4096) if quick else (224, 224, 96, 65536)
     return Plan(device, amp=None, warmup=1, iters=2 if quick else 3, img_size=img,
                 vit_batch={"vit_s16": 4, "vit_s8": 1}, resnet_batch=2 if quick else 4, global_size=glob,
-                local_size=loc, dino_batch={"vit_s16": 2, "vit_s8": 1}, out_dim=k, jpegs=16 if quick else 64,
+                local_size=loc, dino_batch={"vit_s16": 2, "vit_s8": 1}, out_dim=k, photos=16 if quick else 64,
                 loader_batch=16, workers=2)
 
 
@@ -417,59 +422,163 @@ def bench_dino(plan):
                           "peak GiB", "ours speed-up"], rows)
 
 
-def make_jpegs(root, n, size=(500, 375), links=4, seed=0):
-    """Write n smooth random JPEGs of a typical ImageNet size under root/c{0,1}/ and hard-link each `links` times
-    (so an epoch keeps every worker busy without encoding more files). -> number of files."""
+# --------------------------------------------------------------------------- the data pipeline and its yardstick
+
+def official_crop_box(width, height, scale, rng, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params in plain Python (the yardstick's rule, and the tests' reference
+    for ours): -> (left, top, w, h) of a box in a width x height photo; rng: a random.Random."""
+    for _ in range(10):
+        area = width * height * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    w, h = width, height  # fallback: the central crop, cut to the nearest allowed aspect ratio
+    if width / height < min(ratio):
+        h = round(width / min(ratio))
+    elif width / height > max(ratio):
+        w = round(height * max(ratio))
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _official_jitter(image, rng):
+    """torchvision's ColorJitter(0.4, 0.4, 0.2, 0.1) on a PIL image: the four ops in a random order."""
+    from PIL import Image, ImageEnhance
+    factors = [rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)]
+    for op in rng.sample(range(4), 4):
+        if op < 3:
+            image = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[op](image).enhance(factors[op])
+        else:  # torchvision's adjust_hue for PIL: shift the uint8 hue channel, wrapping around
+            h, s, v = image.convert("HSV").split()
+            hue = (np.asarray(h, dtype=np.int16) + int(factors[3] * 255)) % 256
+            image = Image.merge("HSV", (Image.fromarray(hue.astype(np.uint8), "L"), s, v)).convert("RGB")
+    return image
+
+
+def _official_view(photo, size, scale, blur_p, solarize_p, rng):
+    """One view of DataAugmentationDINO: RandomResizedCrop (bicubic) -> flip -> jitter (p 0.8) -> grey (p 0.2) ->
+    GaussianBlur (radius U(0.1, 2)) -> solarize -> ToTensor + Normalize. -> float (3, size, size)."""
+    from PIL import Image, ImageFilter, ImageOps
+    left, top, w, h = official_crop_box(*photo.size, scale, rng)
+    view = photo.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    if rng.random() < 0.8:
+        view = _official_jitter(view, rng)
+    if rng.random() < 0.2:
+        view = view.convert("L").convert("RGB")
+    if rng.random() < blur_p:
+        view = view.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.1, 2.0)))
+    if rng.random() < solarize_p:
+        view = ImageOps.solarize(view)
+    x = torch.from_numpy(np.array(view)).permute(2, 0, 1).float().div(255)
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def official_dino_views(path, rng, global_size=224, local_size=96, local_crops=8):
+    """The yardstick: the official per-image CPU pipeline, written here with Pillow (torchvision is no dependency):
+    ImageFolder's decode of the whole photo, then DataAugmentationDINO's 2 global views (blur p 1.0; blur 0.1 +
+    solarize 0.2) and local_crops local views (blur 0.5). -> list of float tensors (3, size, size)."""
     from PIL import Image
-    rng = np.random.default_rng(seed)
-    for c in ("c0", "c1"):
-        os.makedirs(os.path.join(root, c), exist_ok=True)
-    for i in range(n):
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
-        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (size[1], size[0], 3), dtype=np.int16)
-        path = os.path.join(root, f"c{i % 2}", f"{i:05d}.jpg")
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-        for j in range(1, links):
-            try:
-                os.link(path, f"{path[:-4]}_{j}.jpg")
-            except OSError:  # no hard links on this file system: a copy decodes the same
-                Image.open(path).save(f"{path[:-4]}_{j}.jpg", quality=90)
-    return n * links
+    with Image.open(path) as image:
+        photo = image.convert("RGB")
+    return [_official_view(photo, global_size, (0.4, 1.0), 1.0, 0.0, rng),
+            _official_view(photo, global_size, (0.4, 1.0), 0.1, 0.2, rng)] + \
+        [_official_view(photo, local_size, (0.05, 0.4), 0.5, 0.0, rng) for _ in range(local_crops)]
 
 
-def bench_loader(plan):
-    """Table: images/s of JPEG decoding in the workers, of MultiCropAugment alone, and of both. -> markdown lines."""
-    rows = []
+def _images_per_second(fn, images, rounds=2):
+    """fn() processes `images` images; -> the best img/s of `rounds` calls (the least disturbed by other jobs)."""
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = max(best, images / (time.perf_counter() - t0))
+    return best
+
+
+def bench_data(plan):
+    """Table: img/s of the official per-image Pillow pipeline (the yardstick) and of ours -- decode alone on one core
+    and in N loader workers, multi-crop on the device, and both together -- on a photo folder (plan.data, or one
+    made by minivit.photo_folder). -> markdown lines."""
     augment = MultiCropAugment(plan.global_size, plan.local_size, 8)
-    generator = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as root:
-        files = make_jpegs(root, plan.jpegs)
-        dataset = build_dataset(root, "train")  # decode, shorter side -> 256, centre square (data.load_image)
-        loader = build_loader(dataset, plan.loader_batch, shuffle=True, num_workers=plan.workers)
+    generator, B, device = torch.Generator().manual_seed(0), plan.loader_batch, plan.device
+    rows, threads = [], torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        if plan.data is None:
+            make_photo_folder(tmp, plan.photos, classes=4)
+        dataset = build_dataset(plan.data or tmp, "train", min_pixels=augment.min_pixels)
+        paths = [path for path, _ in dataset.samples[:plan.photos]]
+        n = len(paths)
+        chunks = [paths[i:i + B] for i in range(0, n, B)]
+        decode = lambda chunk: Photos.stack([load_photo(p, augment.min_pixels) for p in chunk])  # noqa: E731
+        few = paths[:128]  # the one-core rows: enough photos to time, few enough to stay short
+        rng = random.Random(0)
+        torch.set_num_threads(1)  # per core: the yardstick and our one-core rows each run on one thread
+        try:
+            official = _images_per_second(lambda: [official_dino_views(p, rng, plan.global_size, plan.local_size)
+                                                   for p in few], len(few))
+            ours_decode = _images_per_second(lambda: [decode(few[i:i + B]) for i in range(0, len(few), B)], len(few))
 
-        def images_per_second(with_augment, epochs=2):
-            """Warm-up epoch (starts the persistent workers), then images/s over `epochs` epochs."""
+            def decode_and_crop():
+                for i in range(0, len(few), B):
+                    augment(decode(few[i:i + B]).to(device), generator)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            together = _images_per_second(decode_and_crop, len(few))
+        finally:
+            torch.set_num_threads(threads)
+        crops = f"2x{plan.global_size} + 8x{plan.local_size}"
+        rows.append(["official: Pillow decode + DataAugmentationDINO per image (yardstick)", f"{crops}, 1 thread",
+                     _num(official)])
+        rows.append(["ours: decode (load_photo, DCT draft down to min_pixels)", "1 process", _num(ours_decode)])
+        rows.append([f"ours: decode + MultiCropAugment on {device.type}", f"{crops}, batch {B}, 1 CPU thread",
+                     _num(together)])
+        rows.append(["ours / official, per core", "", f"{together / official:.2f}x"])
+
+        batch = decode(chunks[0]).to(device)
+        torch.set_num_threads(1 if device.type == "cpu" else threads)  # a CPU: per core again
+        aug = guarded(measure, lambda: augment(batch, generator), lambda: None, device, plan.warmup, plan.iters)
+        torch.set_num_threads(threads)
+        rows.append([f"ours: MultiCropAugment on {device.type}", f"{crops}, batch {len(batch)}" +
+                     (", 1 thread" if device.type == "cpu" else ""),
+                     _num(len(batch) / aug.median) if isinstance(aug, Timing) else aug])
+        loader = build_loader(dataset, B, shuffle=True, drop_last=False, num_workers=plan.workers)
+
+        def loader_rate(with_augment, epochs=2):
+            """Warm-up epoch (starts the persistent workers), then img/s over `epochs` epochs."""
             for timed in (False, True):
                 t0, count = time.perf_counter(), 0
                 for _ in range(epochs if timed else 1):
                     for images, _ in loader:
                         if with_augment:
-                            augment(images.to(plan.device, non_blocking=True), generator)
+                            augment(images.to(device, non_blocking=True), generator)
                         count += len(images)
-                if plan.device.type == "cuda":
+                if device.type == "cuda":
                     torch.cuda.synchronize()
             return _num(count / (time.perf_counter() - t0))
 
-        what = f"{files} JPEGs 500x375 -> 256 px, batch {plan.loader_batch}, {plan.workers} workers"
-        rows.append(["loader: decode + resize", what, guarded(images_per_second, False)])
-        batch = torch.empty(plan.loader_batch, 3, 256, 256, dtype=torch.uint8, device=plan.device)
-        aug = guarded(measure, lambda: augment(batch, generator), lambda: batch.random_(0, 256), plan.device,
-                      plan.warmup, plan.iters)
-        rows.append([f"MultiCropAugment on {plan.device.type}", f"2x{plan.global_size} + 8x{plan.local_size}, batch "
-                     f"{plan.loader_batch}", _num(plan.loader_batch / aug.median) if isinstance(aug, Timing) else aug])
-        rows.append(["loader + MultiCropAugment", what, guarded(images_per_second, True)])
+        rows.append(["ours: decode in the loader", f"{plan.workers} workers, batch {B}", guarded(loader_rate, False)])
+        rows.append([f"ours: loader + MultiCropAugment on {device.type}", f"{plan.workers} workers, batch {B}",
+                     guarded(loader_rate, True)])
         del loader  # stop the workers before the folder goes
-    return _table(f"Data pipeline (images/s), {plan.label}", ["stage", "setup", "img/s"], rows)
+        sizes = np.array([load_photo_size(p) for p in paths])
+    what = f"{n} photos of {plan.data or 'minivit.photo_folder'} ({_describe_sizes(sizes)})"
+    return _table(f"Data pipeline (images/s), {what}, {plan.label}", ["stage", "setup", "img/s"], rows)
+
+
+def load_photo_size(path):
+    """(width, height) of an image file, without decoding it."""
+    from PIL import Image
+    with Image.open(path) as image:
+        return image.size
+
+
+def _describe_sizes(sizes):
+    """'median 500x375, 12% > 640 px, 2% < 200 px' for an array (n, 2) of (width, height)."""
+    long_side = sizes.max(1)
+    w, h = np.median(sizes[:, 0]), np.median(sizes[:, 1])
+    return f"median {w:.0f}x{h:.0f}, {(long_side > 640).mean():.0%} > 640 px, {(long_side < 200).mean():.0%} < 200 px"
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -510,16 +619,17 @@ def header(plan, argv):
 
 
 def _subset(flag, value, allowed):
-    """A comma-separated flag value -> tuple of names, each one of `allowed`; SystemExit names the flag otherwise."""
+    """A comma-separated flag value -> tuple of names, each one of `allowed`; a one-line error naming the flag
+    otherwise."""
     names = tuple(name.strip() for name in value.split(",") if name.strip())
     if not names or set(names) - set(allowed):
-        raise SystemExit(f"{flag} {value!r}: choose from {','.join(allowed)}")
+        cli.fail(f"{flag} {value!r}: choose from {','.join(allowed)}")
     return names
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewer steps; on a CPU also smaller images (64 px, 32 px local crops, K=4096)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -530,25 +640,31 @@ def main(argv=None):
                         help="timed steps per row (default 10 on a GPU, 5 with --quick; 3 / 2 on a CPU)")
     parser.add_argument("--archs", default="vit_s16,vit_s8", help="the ViT and DINO rows: vit_s16, vit_s8 or both")
     parser.add_argument("--builds", default="ours,plain", help="ours, plain or both (the ViT and DINO rows)")
+    parser.add_argument("--data", default=None, help="data section: an ImageNet-style folder to time (default: a "
+                        "folder of ImageNet-sized photos made by minivit.photo_folder in a temporary directory)")
+    parser.add_argument("--photos", type=int, default=None, help="data section: photos to time (default 512 on a "
+                        "GPU, 64 on a CPU, 16 with --quick)")
     parser.add_argument("--compile", action="store_true",
                         help="DINO: torch.compile both backbones (compiles for minutes first; the yardstick of what "
                              "fusing LayerNorm, GELU and the residual adds around the GEMMs is worth)")
     args = parser.parse_args(argv)
+    cli.check_args(parser, args, positive=("iters", "photos"))
     archs = _subset("--archs", args.archs, ("vit_s16", "vit_s8"))
     builds = _subset("--builds", args.builds, ("ours", "plain"))
-    if args.iters is not None and args.iters < 1:
-        raise SystemExit(f"--iters {args.iters}: time at least 1 step")
     only = _subset("--only", args.only, SECTIONS)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    if args.data is not None and not os.path.isdir(args.data):
+        cli.fail(f"--data {args.data}: no such folder; give an ImageNet-style folder or leave it out")
+    with cli.errors():
+        device = pick_device(args.device)
     if device.type == "cpu" and interpreter_on():
-        raise SystemExit("TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, far too slow to time: unset it")
+        cli.fail("TRITON_INTERPRET=1 runs the kernels in Triton's interpreter, far too slow to time: unset it")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     plan = make_plan(device, args.quick)
     plan.iters = args.iters or plan.iters
-    plan.archs, plan.builds, plan.compile = archs, builds, args.compile
-    benches = {"vit": bench_vit, "resnet": bench_resnet, "dino": bench_dino, "loader": bench_loader}
+    plan.archs, plan.builds, plan.compile, plan.data = archs, builds, args.compile, args.data
+    plan.photos = args.photos or plan.photos
+    benches = {"vit": bench_vit, "resnet": bench_resnet, "dino": bench_dino, "data": bench_data}
     out = open(args.out, "w") if args.out else None
 
     def emit(lines):  # section by section: a timeout later still leaves the finished tables on disk

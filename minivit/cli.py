@@ -18,7 +18,7 @@ class ArgumentParser(argparse.ArgumentParser):
     `error: argument --k: invalid int value: 'x'; see --help`, instead of the usage block, and exit with status 2."""
 
     def error(self, message):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+        self.exit(2, f"error: {message}; see --help\n")
 
 
 def fail(message: str):

@@ -1,12 +1,14 @@
 """Datasets and the data loader shared by the three training scripts.
 
 Every dataset yields `(image, label)`: a uint8 tensor (3, S, S) of a fixed size S (`load_size`) and an int, and has
-`.classes`, `.num_classes`, `.targets` and `len()`. Decoding stays cheap and on the CPU; the random crops, flips and
-colour changes are made afterwards on whole batches on the GPU (minivit/augment.py), so a photo is resized once to
-an S x S square here and RandomResizedCrop picks its boxes inside that square (the official DINO code crops the full
-photo with PIL on the CPU, where it is often the bottleneck).
+`.classes`, `.num_classes`, `.targets` and `len()`. Decoding stays on the CPU; the random crops, flips and colour
+changes are made afterwards on whole batches on the GPU (minivit/augment.py). For training on an image folder
+(`min_pixels` set) each item is the whole decoded photo instead, uint8 (3, h, w) at its own size and aspect
+(load_photo), and the loader pads a batch of them into a `Photos` canvas with each photo's true size, so that the
+crop boxes are drawn over the whole photo as the official RandomResizedCrop draws them. For evaluation a photo is
+resized once to an S x S square (load_image: Resize(S) + the centre square).
 
-Sources, chosen by `build_dataset(data, split, load_size)`:
+Sources, chosen by `build_dataset(data, split, load_size, min_pixels)`:
   None / "shapes"  procedural shapes on clutter with ground-truth object masks (offline, the default), 64 px
   "digits"         scikit-learn's bundled 8x8 handwritten digits (1797 real images), upscaled to 32 px
   a folder         ImageNet-style root/<class>/<image>.jpg, or root/train/... and root/val/...; 256 px
@@ -15,6 +17,7 @@ Sources, chosen by `build_dataset(data, split, load_size)`:
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -232,21 +235,93 @@ def cifar_dataset(folder, split, load_size=32):
     return TensorImageDataset(images, targets, classes, load_size, "cifar10" if cifar10 else "cifar100", split)
 
 
+def _to_rgb(image):
+    """Any Pillow image -> an RGB one: greyscale, CMYK, RGBA (alpha dropped), palette, 16-bit greyscale, ..."""
+    if image.mode.startswith("I"):  # 16-bit greyscale (PNG, TIFF): keep the high byte
+        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
+    elif image.mode == "P":  # palette, maybe with a transparent colour: through RGBA, as Pillow advises
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _to_tensor(image):
+    """RGB Pillow image (w x h) -> uint8 tensor (3, h, w)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
 def load_image(path, load_size):
     """Decode any Pillow-readable file to RGB, resize the shorter side to load_size (bicubic) and take the centre
-    load_size x load_size square: -> uint8 tensor (3, load_size, load_size). Smaller images are upscaled."""
+    load_size x load_size square: -> uint8 tensor (3, load_size, load_size). Smaller images are upscaled.
+    The evaluation view: with load_size 256, EvalTransform(224, resize=256) then gives Resize(256) +
+    CenterCrop(224) of the whole photo, the ImageNet protocol."""
     with Image.open(path) as image:
         image.draft("RGB", (load_size, load_size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale if still >= load_size
-        if image.mode.startswith("I"):  # 16-bit greyscale (PNG, TIFF): keep the high byte
-            image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-        elif image.mode == "P":  # palette, maybe with a transparent colour: through RGBA, as Pillow advises
-            image = image.convert("RGBA")
-        image = image.convert("RGB")  # greyscale, CMYK, RGBA (alpha dropped), ...
+        image = _to_rgb(image)
         w, h = image.size
         side = min(w, h)  # resize + centre crop in one step: resample the central square only
         box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-        image = image.resize((load_size, load_size), Image.BICUBIC, box=box)
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+        return _to_tensor(image.resize((load_size, load_size), Image.BICUBIC, box=box))
+
+
+def shrink_factor(width, height, min_pixels, factors=(8, 4, 2)):
+    """The largest of `factors` by which a width x height photo can be shrunk and still keep >= min_pixels pixels
+    ((width // k) * (height // k), so that rounding never takes it below), or 1 when none can."""
+    return next((k for k in factors if (width // k) * (height // k) >= min_pixels), 1)
+
+
+def load_photo(path, min_pixels):
+    """Decode the whole photo, at its own size and aspect, to an RGB uint8 tensor (3, h, w) for random crops.
+
+    A photo with more than min_pixels pixels is decoded smaller, but never below min_pixels: JPEGs through the
+    DCT (Pillow's draft: 1/2, 1/4 or 1/8 scale, several times faster than a full decode), anything else (PNG, or a
+    JPEG needing more than 1/8) by averaging k x k blocks (Image.reduce). min_pixels is what the augmentation's
+    smallest crop needs for each of its output pixels to come from at least one source pixel
+    (MultiCropAugment.min_pixels: 96^2 / 0.05 = 184,320 for DINO's, about a 500 x 375 photo), so no crop is
+    enlarged that the full photo would not enlarge.
+    The cap, and why: a decoded photo keeps fewer than 4 x min_pixels pixels (each factor 2 would halve both
+    sides), e.g. a 4000 x 3000 photo becomes 500 x 375. More would change no crop by more than resampling twice
+    does, and it bounds the padded canvas of a batch (data.Photos) to ~0.74 Mpx per photo for DINO's crops."""
+    with Image.open(path) as image:
+        k = shrink_factor(*image.size, min_pixels)
+        if k > 1:  # a no-op for anything but JPEG
+            image.draft("RGB", (image.size[0] // k, image.size[1] // k))
+        image = _to_rgb(image)
+        k = shrink_factor(*image.size, min_pixels, factors=range(int((image.size[0] * image.size[1] / min_pixels)
+                                                                       ** 0.5), 1, -1))
+        return _to_tensor(image.reduce(k) if k > 1 else image)
+
+
+@dataclass
+class Photos:
+    """A batch of whole photos of different sizes, as build_loader yields it for a whole-photo data set: photo i is
+    pixels[i, :, :h_i, :w_i] (zeros around it) with (h_i, w_i) = sizes[i]. minivit/augment.py draws each photo's
+    crop boxes in its own coordinates and cuts them out of the canvas on the device, the whole batch at once."""
+    pixels: torch.Tensor  # uint8 (B, 3, H, W), H = max h_i, W = max w_i
+    sizes: torch.Tensor  # int64 (B, 2): (h_i, w_i); stays on the CPU, where the random boxes are drawn
+
+    @classmethod
+    def stack(cls, images):
+        """uint8 tensors (3, h_i, w_i) -> Photos, padded at the bottom and right to the largest h and w."""
+        sizes = torch.tensor([image.shape[1:] for image in images], dtype=torch.int64).view(-1, 2)
+        H, W = (sizes.max(0).values.tolist() if len(images) else (1, 1))
+        pixels = torch.zeros(len(images), 3, H, W, dtype=torch.uint8)
+        for canvas, image in zip(pixels, images):  # in the loader's workers, not on the training step's path
+            canvas[:, :image.shape[1], :image.shape[2]] = image
+        return cls(pixels, sizes)
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getitem__(self, index):
+        """A slice of the batch, still Photos (an int i gives the batch of photo i alone)."""
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return Photos(self.pixels[index], self.sizes[index])
+
+    def to(self, device, non_blocking=False):
+        return Photos(self.pixels.to(device, non_blocking=non_blocking), self.sizes)
+
+    def pin_memory(self):  # DataLoader(pin_memory=True) calls this
+        return Photos(self.pixels.pin_memory(), self.sizes)
 
 
 def _list_images(folder, classes=None):
@@ -267,11 +342,12 @@ def _list_images(folder, classes=None):
 
 class ImageFolderDataset(Dataset):
     """ImageNet-style images: root/<class>/<image>, or root/train/<class>/... with root/val/<class>/... for the test
-    split; classes are the sorted folder names of the train folder. Images are decoded by load_image.
+    split; classes are the sorted folder names of the train folder. Images are decoded by load_image (the load_size
+    square of the evaluation view) or, with min_pixels, by load_photo (the whole photo, for random crops).
     An unreadable or truncated file yields None (build_loader's collate drops it), warns once naming the file and
     is counted in `num_skipped` (shared with the DataLoader workers), so a bad file never stops an epoch."""
 
-    def __init__(self, root, split="train", load_size=256):
+    def __init__(self, root, split="train", load_size=256, min_pixels=None):
         expected = f"expected {root}/<class>/<image>.jpg, or {root}/train/<class>/... and {root}/val/<class>/..."
         train = os.path.join(root, "train")
         val = next((os.path.join(root, d) for d in ("val", "test") if os.path.isdir(os.path.join(root, d))), None)
@@ -290,6 +366,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"{folder} has no {'/'.join(IMAGE_EXTENSIONS)} images in its class folders; {expected}")
         self.targets = [label for _, label in self.samples]
         self.num_classes, self.load_size, self.source, self.split = len(self.classes), load_size, root, split
+        self.min_pixels = min_pixels  # None: load_size squares; else whole photos (data.Photos batches)
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # seen by all workers
 
     def __len__(self):
@@ -306,7 +383,8 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            return load_image(path, self.load_size), label
+            image = load_image(path, self.load_size) if self.min_pixels is None else load_photo(path, self.min_pixels)
+            return image, label
         except Exception as error:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
             if not self.bad[i]:
                 self.bad[i] = True
@@ -317,10 +395,12 @@ class ImageFolderDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 # Entry points for the scripts
 
-def build_dataset(data, split, load_size=None):
+def build_dataset(data, split, load_size=None, min_pixels=None):
     """data: None or "shapes", "digits", an ImageNet-style folder or a CIFAR python folder; split: "train" or
     "test"; load_size: the side S of the returned square images (default: 64 shapes, 32 digits and CIFAR, 256
-    folders). -> a Dataset of (uint8 (3, S, S), int) with .classes, .num_classes, .targets, .load_size."""
+    folders). -> a Dataset of (uint8 (3, S, S), int) with .classes, .num_classes, .targets, .load_size.
+    min_pixels (image folders only; the training crops' augment.min_pixels): yield each whole photo instead,
+    uint8 (3, h, w) decoded by load_photo, which build_loader batches as data.Photos."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use 'train' or 'test'")
     if data in (None, "shapes"):
@@ -333,23 +413,28 @@ def build_dataset(data, split, load_size=None):
     cifar = _find_cifar(data)
     if cifar is not None:
         return cifar_dataset(cifar, split, load_size or 32)
-    return ImageFolderDataset(data, split, load_size or 256)
+    return ImageFolderDataset(data, split, load_size or 256, min_pixels)
 
 
 def describe(dataset):
     """One line for the logs, e.g. 'shapes/train: 5000 images, 10 classes, 64x64 px'."""
-    line = f"{dataset.source}/{dataset.split}: {len(dataset)} images, {dataset.num_classes} classes, " \
-           f"{dataset.load_size}x{dataset.load_size} px"
+    pixels = f"{dataset.load_size}x{dataset.load_size} px" if getattr(dataset, "min_pixels", None) is None else \
+        f"whole photos (decoded to >= {dataset.min_pixels} px)"
+    line = f"{dataset.source}/{dataset.split}: {len(dataset)} images, {dataset.num_classes} classes, {pixels}"
     skipped = getattr(dataset, "num_skipped", 0)
     return line + (f", {skipped} unreadable files skipped" if skipped else "")
 
 
-def _collate(batch, load_size):
-    """Stack (image, label) pairs, dropping the None of unreadable files: a batch may then be smaller, or empty."""
+def _collate(batch, load_size, photos):
+    """Stack (image, label) pairs, or pad them into data.Photos (photos=True), dropping the None of unreadable
+    files: a batch may then be smaller, or empty."""
     batch = [item for item in batch if item is not None]
+    labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
+    if photos:
+        return Photos.stack([image for image, _ in batch]), labels
     if not batch:
-        return torch.empty(0, 3, load_size, load_size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
-    return torch.stack([image for image, _ in batch]), torch.tensor([label for _, label in batch])
+        return torch.empty(0, 3, load_size, load_size, dtype=torch.uint8), labels
+    return torch.stack([image for image, _ in batch]), labels
 
 
 class Loader(DataLoader):
@@ -361,7 +446,8 @@ class Loader(DataLoader):
 
 
 def build_loader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=0, seed=0, distributed=False):
-    """-> Loader yielding (images uint8 (B, 3, S, S), labels int64 (B,)). The order is a permutation drawn from
+    """-> Loader yielding (images uint8 (B, 3, S, S), labels int64 (B,)), or (data.Photos, labels) for a data set of
+    whole photos (min_pixels set). The order is a permutation drawn from
     seed + epoch (DistributedSampler's rule; with distributed=True each process reads every world_size-th image of
     it, and with drop_last=False the last few are repeated so that all processes get as many).
     B = batch_size, except in the last batch when drop_last=False and in a batch holding unreadable files."""
@@ -371,6 +457,6 @@ def build_loader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=
     if drop_last and len(sampler) < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {len(sampler)} images per process and "
                          f"drop_last=True leaves no batch; lower the batch size")
+    collate = partial(_collate, load_size=dataset.load_size, photos=getattr(dataset, "min_pixels", None) is not None)
     return Loader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-                  collate_fn=partial(_collate, load_size=dataset.load_size), pin_memory=torch.cuda.is_available(),
-                  persistent_workers=num_workers > 0)
+                  collate_fn=collate, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)

@@ -3,8 +3,8 @@
 Features (the official eval_linear.py): ViT-S concatenates the CLS tokens of its last 4 blocks, each passed
 through the final norm (`--n_last_blocks 4`); ViT-B uses the last CLS token and the mean patch token
 (`--n_last_blocks 1 --avgpool_patchtokens`); a ResNet uses its pooled feature. Optimisation: SGD momentum 0.9,
-no weight decay, lr = 0.001 * batch / 256, cosine to 0 over the epochs, random-resized-crop + flip for training,
-resize + centre crop for evaluation, 100 epochs on ImageNet.
+no weight decay, lr = 0.001 * batch / 256, cosine to 0 over the epochs, random-resized-crop of the whole photo + flip
+for training, resize + centre crop for evaluation, 100 epochs on ImageNet.
 
     python -m minivit.linear --arch vit_s16 --weights dino_deitsmall16_pretrain.pth --data /path/to/imagenet
     python -m minivit.linear --arch vit_ti16 --weights ckpt.pth --data digits --image_size 32 --no_aug --epochs 50
@@ -178,6 +178,8 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)  # crops and the order of precomputed features
     eval_view = eval_transform(train_set, args.image_size)
     augment = SupervisedAugment(eval_view.size)
+    if not args.no_aug:  # image folders: the random crops come from the whole photo (square sets are unchanged)
+        train_set = build_dataset(args.data, "train", min_pixels=augment.min_pixels)
     train_aug = eval_view if args.no_aug else (lambda images: augment(images, generator))
     probe = dict(n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens)
 

@@ -20,12 +20,13 @@ from minivit import cli, training
 
 class Subset(Dataset):
     """The images `indices` of `dataset`, keeping what the scripts read from a dataset: .classes, .num_classes,
-    .targets, .load_size, .source, .split (e.g. "train[10%]")."""
+    .targets, .load_size, .min_pixels, .source, .split (e.g. "train[10%]")."""
 
     def __init__(self, dataset, indices, split):
         self.dataset, self.indices = dataset, list(indices)
         self.classes, self.num_classes, self.load_size = dataset.classes, dataset.num_classes, dataset.load_size
         self.source, self.split = dataset.source, split
+        self.min_pixels = getattr(dataset, "min_pixels", None)  # whole photos: build_loader batches data.Photos
         self.targets = [dataset.targets[i] for i in self.indices]
 
     def __len__(self):

@@ -43,11 +43,16 @@ def files(tmp_path_factory):
     Image.new("RGB", (40, 40), (200, 100, 50)).save(f["image"])
     f["evil"] = d / "evil.pth"  # real ViT-Ti weights plus a payload: only a full unpickler would run it
     torch.save({"state_dict": build_model("vit_ti16").state_dict(), "extra": Payload(f["marker"])}, f["evil"])
+    f["vit_ti"] = d / "vit_ti16.pth"  # good weights, of another model than the one asked for
+    torch.save(build_model("vit_ti16").state_dict(), f["vit_ti"])
     f["empty"] = d / "empty.pth"
     f["empty"].write_bytes(b"")
     f["evil_run"] = d / "evil_run"  # an output folder whose checkpoint is the payload: --resume must refuse it
     f["evil_run"].mkdir()
     torch.save({"kind": "dino", "extra": Payload(f["marker"])}, f["evil_run"] / "checkpoint.pth")
+    f["dino_run"] = d / "dino_run"  # a plain checkpoint of another kind, for train_vit.py --resume
+    f["dino_run"].mkdir()
+    torch.save({"kind": "dino", "epoch": 1, "args": {"arch": "vit_ti16"}}, f["dino_run"] / "checkpoint.pt")
     f["photos"] = d / "photos"  # an image folder with an empty class
     for name in ("cat", "dog"):
         (f["photos"] / name).mkdir(parents=True)
@@ -64,6 +69,7 @@ def cases(f):
         "minivit.knn": [
             (["--weights", notes], "not a readable PyTorch file"),
             (["--weights", evil, "--arch", "vit_ti16"], "refused"),
+            (["--weights", str(f["vit_ti"]), "--arch", "vit_s16"], "checkpoint of another model?"),
             (["--weights", str(f["empty"])], "is empty"),
             (["--weights", str(f["dir"] / "missing.pth")], "no checkpoint file at"),
             (["--k", "0"], "--k 0: must be > 0"),
@@ -101,6 +107,19 @@ def cases(f):
             (["--num_originals", "0"], "--num_originals 0: must be > 0"),
             (["--image_size", "36"], "is not a multiple of patch_size"),
         ],
+        "minivit.bench": [
+            (["--iters", "0"], "--iters 0: must be > 0"),
+            (["--only", "vit,warp"], "--only 'vit,warp': choose from"),
+            (["--only", "data", "--data", str(f["dir"] / "nowhere")], "no such folder"),
+            (["--device", "tpu"], "invalid choice"),
+        ],
+        "minivit.hf": [
+            (["--weights", evil, "--arch", "vit_ti16"], "refused"),
+            (["--weights", "none", "--arch", "resnet18"], "only ViTs"),
+        ],
+        "minivit.photo_folder": [
+            ([str(f["dir"] / "made"), "--images", "0"], "--images 0: must be > 0"),
+        ],
         "minivit.compare": [
             (["--fractions", "1.5"], "--fractions 1.5"),
             (["--epochs", "0"], "--epochs 0: must be > 0"),
@@ -116,6 +135,7 @@ def cases(f):
             (["--pretrained", notes], "not a readable PyTorch file"),
             (["--data", str(f["dir"] / "nowhere")], "not a folder"),
             (["--resume"], "no checkpoint at"),
+            (["--resume", "--output_dir", str(f["dino_run"])], "is a 'dino' checkpoint"),
         ],
         "train_resnet.py": [
             (["--momentum", "2"], "--momentum 2.0: is a probability"),
@@ -143,7 +163,7 @@ def run_cases(command, table, tmp_path):
     for i, (argv, _) in enumerate(table):
         out = tmp_path / f"{command.replace('.', '_')}_{i}"
         outs.append(out)
-        takes_output_dir = command not in ("minivit.knn", "minivit.linear") and "--output_dir" not in argv
+        takes_output_dir = command not in NO_OUTPUT_DIR and "--output_dir" not in argv
         argvs.append([*argv, "--output_dir", str(out)] if takes_output_dir else argv)
     cmd = [sys.executable, DRIVER, command, json.dumps(argvs)]
     start = time.perf_counter()
@@ -156,7 +176,9 @@ def run_cases(command, table, tmp_path):
 
 
 COMMANDS = ["minivit.knn", "minivit.attention_maps", "minivit.linear", "minivit.segmentation", "minivit.copydetect",
-            "minivit.compare", "train_vit.py", "train_resnet.py", "train_dino.py"]
+            "minivit.bench", "minivit.hf", "minivit.photo_folder", "minivit.compare", "train_vit.py", "train_resnet.py",
+            "train_dino.py"]
+NO_OUTPUT_DIR = ("minivit.knn", "minivit.linear", "minivit.bench", "minivit.photo_folder")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -168,6 +190,6 @@ def test_bad_input_gives_one_line_and_writes_nothing(command, files, tmp_path):
         assert "Traceback" not in stderr, f"{where}: traceback\n{stderr[-2000:]}"
         assert len(lines) == 1 and lines[0].startswith("error: "), f"{where}: not one error line:\n{stderr[-2000:]}"
         assert words in lines[0], f"{where}: {lines[0]!r} does not say {words!r}"
-        if out.exists() and out != files["evil_run"]:  # a folder may exist (its lock), a checkpoint may not
+        if out.exists() and out not in (files["evil_run"], files["dino_run"]):  # a folder may exist (its lock), a checkpoint may not
             assert not [p.name for p in out.iterdir() if p.name.startswith("checkpoint")], where
     assert not files["marker"].exists(), "a payload ran"

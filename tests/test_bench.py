@@ -107,7 +107,7 @@ def test_measure_refills_before_every_step_and_guarded_reports_errors():
 
 
 def test_bad_section_is_a_clear_error():
-    with pytest.raises(SystemExit, match="choose from vit,resnet,dino,loader"):
+    with pytest.raises(SystemExit, match="choose from vit,resnet,dino,data"):
         bench.main(["--only", "vit,gpu"])
 
 
@@ -124,3 +124,29 @@ def test_quick_bench_prints_the_vit_table(tmp_path):
             assert f"| {arch} | {build} | " in run.stdout
     assert "- command: `python -m minivit.bench --quick --only vit" in run.stdout
     assert out.read_text().strip() == run.stdout.strip()  # the file holds exactly what was printed
+
+
+def test_data_section_prints_the_yardstick_and_ours_on_a_photo_folder(tmp_path):
+    """The data table end to end on 4 small photos (a reduced CPU plan): every row there, none failed."""
+    from minivit.photo_folder import photo
+    for k, size in enumerate([(120, 90), (90, 120), (100, 66), (40, 30)]):
+        (tmp_path / f"c{k % 2}").mkdir(exist_ok=True)
+        photo(0, k, size).save(tmp_path / f"c{k % 2}" / f"{k}.jpg", quality=90)
+    plan = bench.make_plan(torch.device("cpu"), quick=True)
+    plan.data, plan.photos, plan.loader_batch, plan.workers, plan.iters = str(tmp_path), 4, 2, 0, 1
+    table = "\n".join(bench.bench_data(plan))
+    assert "failed" not in table and "4 photos of" in table
+    for stage in ("official: Pillow decode + DataAugmentationDINO", "ours: decode (load_photo", "ours / official",
+                  "ours: decode + MultiCropAugment on cpu", "ours: MultiCropAugment on cpu",
+                  "ours: decode in the loader", "ours: loader + MultiCropAugment on cpu"):
+        assert f"| {stage}" in table, stage
+
+
+def test_official_views_are_dinos_recipe(tmp_path):
+    import random
+
+    from minivit.photo_folder import photo
+    photo(0, 0, (60, 40)).save(tmp_path / "a.jpg")
+    views = bench.official_dino_views(str(tmp_path / "a.jpg"), random.Random(0), 32, 16, local_crops=3)
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(v.dtype == torch.float32 and v.min() < 0 for v in views)  # normalised, as ToTensor + Normalize

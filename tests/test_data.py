@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from minivit.data import ShapesDataset, build_dataset, build_loader, describe, load_image
+from minivit.augment import MultiCropAugment, SupervisedAugment, random_crop_params
+from minivit.data import Photos, ShapesDataset, build_dataset, build_loader, describe, load_image, load_photo
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -173,6 +174,47 @@ def test_a_batch_of_broken_files_comes_out_empty(tmp_path):
         warnings.simplefilter("ignore")
         shapes = [tuple(x.shape) for x, _ in build_loader(build_dataset(str(tmp_path), "train", 8), 1, False)]
     assert shapes == [(0, 3, 8, 8), (1, 3, 8, 8)]
+
+
+def test_whole_photo_loader_skips_and_counts_unreadable_files_and_pads_mixed_sizes(folder):
+    ds = build_dataset(folder, "train", min_pixels=10 ** 6)  # whole photos, all smaller: kept at their own size
+    assert "whole photos" in describe(ds)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(build_loader(ds, batch_size=4, shuffle=False, drop_last=False))
+    assert len(caught) == 2 and ds.num_skipped == 2 and "2 unreadable files skipped" in describe(ds)
+    photos = batches[0][0]
+    assert isinstance(photos, Photos) and photos.pixels.dtype == torch.uint8
+    # cat: cmyk.JPG 33x33, grey.png 30x40 (w x h), rgb.jpg 40x30, nested/alpha.png 20x20 -> a 40 x 40 canvas
+    assert photos.sizes.tolist() == [[33, 33], [40, 30], [30, 40], [20, 20]] and photos.pixels.shape == (4, 3, 40, 40)
+    assert (photos.pixels[2, 0, :30, :40] > 250).all() and (photos.pixels[2, :, 30:] == 0).all()  # red, then padding
+    assert sum(len(p) for p, _ in batches) == 8 and len(photos[1:3]) == 2 and photos[2].sizes.tolist() == [[30, 40]]
+
+
+def test_load_photo_decodes_big_photos_down_to_min_pixels_and_no_further(tmp_path):
+    """DINO's recipe needs 96^2 / 0.05 = 184,320 pixels: a 1000 x 750 JPEG is decoded at 1/2 scale through the DCT
+    (500 x 375 = 187,500), a 2000 x 1500 PNG averaged 4 x 4; a 400 x 300 photo is kept as it is, never enlarged.
+    Then no crop of the recipe has fewer source pixels than output pixels (up to its rounding to whole pixels),
+    where the old 256 x 256 square gave local crops of 57 x 57 pixels for 96 x 96 outputs."""
+    augment = MultiCropAugment()
+    assert augment.min_pixels == 184320 and SupervisedAugment(224).min_pixels == 627200
+    rng = np.random.default_rng(0)
+    for (w, h), ext, expected in [((1000, 750), "jpg", (375, 500)), ((2000, 1500), "png", (375, 500)),
+                                  ((400, 300), "jpg", (300, 400)), ((750, 1000), "jpg", (500, 375))]:
+        path = str(tmp_path / f"{w}x{h}.{ext}")
+        Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h)).save(path)
+        photo = load_photo(path, augment.min_pixels)
+        assert photo.shape == (3, *expected) and photo.dtype == torch.uint8, path
+        assert photo.shape[1] * photo.shape[2] < 4 * augment.min_pixels  # the cap: below 4x what is needed
+        if w * h < augment.min_pixels:
+            continue
+        sizes = torch.tensor([photo.shape[1:]]).expand(4000, 2)
+        for side, scale in [(224, augment.global_crops_scale), (96, augment.local_crops_scale)]:
+            boxes, _ = random_crop_params(sizes, scale, generator=torch.Generator().manual_seed(0))
+            assert (boxes[:, 2] * boxes[:, 3]).min() >= 0.98 * side ** 2, (path, side)
+    old = torch.tensor([[256, 256]]).expand(4000, 2)  # the previous centre square
+    boxes, _ = random_crop_params(old, augment.local_crops_scale, generator=torch.Generator().manual_seed(0))
+    assert (boxes[:, 2] * boxes[:, 3]).float().quantile(0.2) < 96 ** 2  # enlarged local crops
 
 
 def test_val_folder_is_the_test_split_with_the_train_classes(folder):

@@ -118,7 +118,22 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path):
 def test_resume_is_exact(tmp_path):
     """2 epochs uninterrupted == epoch 1 (its checkpoint0000.pth, what an interrupted run leaves) + resume: the
     resumed process restores weights, optimizer, centre and every random state, k-NN evaluations included."""
-    args = [*TINY, "--epochs", 2, "--saveckp_freq", 1, "--eval_every", 1, "--knn_data", "digits"]
+    assert_resume_is_exact(tmp_path, [*TINY, "--epochs", 2, "--saveckp_freq", 1, "--eval_every", 1, "--knn_data",
+                                      "digits"])
+
+
+def test_resume_is_exact_on_a_folder_of_photos(tmp_path):
+    """The same on whole photos of mixed sizes and orientations (data.Photos batches, crops over each photo)."""
+    from minivit.photo_folder import photo
+    for k, size in enumerate([(40, 30), (30, 40), (50, 33), (24, 24)] * 2):
+        (tmp_path / "photos" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        photo(0, k, size).save(tmp_path / "photos" / f"c{k % 2}" / f"{k}.jpg", quality=90)
+    assert_resume_is_exact(tmp_path, [*TINY, "--epochs", 2, "--saveckp_freq", 1, "--data", tmp_path / "photos",
+                                      "--knn_data", "none", "--num_workers", 0])
+
+
+def assert_resume_is_exact(tmp_path, args):
+    """Run args for 2 epochs, and again from the first epoch's checkpoint with --resume: the same final state."""
     run([*args, "--output_dir", tmp_path / "full"])
     (tmp_path / "resumed").mkdir()
     shutil.copy(tmp_path / "full" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
