@@ -11,10 +11,11 @@ Sections (each prints one markdown table; a failure such as an OOM becomes a "fa
           clipping, AdamW, teacher EMA; data already on the device), ours vs plain, with the issue-6 targets;
   loader  JPEG decode in DataLoader workers, MultiCropAugment on the device, and both together.
 
-"ours" runs minivit.vit as written: kernels.attention (fused FlashAttention-style) and kernels.patch_embed (one
-GEMM) -- Triton on CUDA, their PyTorch references on a CPU. "plain" runs the very same model and weights with the
-two kernel functions swapped, inside `plain_pytorch_kernels()`, for F.scaled_dot_product_attention and conv2d patch
-embedding: the way timm builds a ViT. Timing: median over steps after warm-up (CUDA events on a GPU,
+"ours" runs minivit.vit as written: kernels.attention (fused FlashAttention-style), kernels.patch_embed (one
+GEMM), kernels.layernorm (residual add + LayerNorm) and kernels.bias_gelu (fc1 bias + GELU) -- Triton on CUDA, their
+PyTorch references on a CPU. "plain" runs the very same model and weights with the kernel functions swapped, inside
+`plain_pytorch_kernels()`, for F.scaled_dot_product_attention, conv2d patch embedding, add + F.layer_norm and
+Linear-GELU-Linear: the way timm builds a ViT. Timing: median over steps after warm-up (CUDA events on a GPU,
 time.perf_counter on a CPU), fresh random inputs before every step (never zeros), peak memory from
 torch.cuda.max_memory_allocated. FLOPs are model FLOPs (2 per multiply-add of the matrix products, backward = 2x
 forward); bench/NOTES.md derives them by hand and compares with the H200's ~790 TFLOP/s bf16 dense.
@@ -38,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import HAS_TRITON, interpreter_on, use_triton
+from kernels.bias_gelu import mlp_reference
+from kernels.layernorm import add_layer_norm_reference, layer_norm_reference
 from kernels.patch_embed import patch_embed_reference, patch_embed_tokens_reference
 from minivit import vit
 from minivit.augment import MultiCropAugment
@@ -110,7 +113,8 @@ def _sdpa(q, k, v, scale=None):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-PLAIN = {"attention": _sdpa, "patch_embed": patch_embed_reference, "patch_embed_tokens": patch_embed_tokens_reference}
+PLAIN = {"attention": _sdpa, "patch_embed": patch_embed_reference, "patch_embed_tokens": patch_embed_tokens_reference,
+         "layer_norm": layer_norm_reference, "add_layer_norm": add_layer_norm_reference, "mlp": mlp_reference}
 
 
 @contextlib.contextmanager
