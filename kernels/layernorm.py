@@ -178,16 +178,13 @@ class _AddLayerNorm(torch.autograd.Function):
         s, y, rstd = _forward(x, branch, weight, bias, eps, out_dtype)
         ctx.save_for_backward(y, weight, bias, rstd)
         ctx.dtypes = x.dtype, (branch.dtype if branch is not None else None)
-        ctx.set_materialize_grads(False)  # an unused s sends None, not a zero tensor to read
         return (s, y) if branch is not None else y
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, *grads):  # an unused output gets a zero gradient from autograd (in the ViT both are used)
         ds, dy = grads if len(grads) == 2 else (None, grads[0])
         y, weight, bias, rstd = ctx.saved_tensors
         x_dtype, branch_dtype = ctx.dtypes
-        if dy is None:  # y unused: the stream's gradient passes straight through the add
-            dy = torch.zeros_like(y)
         grad_dtype = torch.promote_types(x_dtype, branch_dtype) if branch_dtype is not None else x_dtype
         dx, dw, db = _backward(dy, ds, y, weight, bias, rstd, grad_dtype)
         # the add hands the same gradient to both of its inputs, as PyTorch's AddBackward does

@@ -136,3 +136,9 @@ def test_dispatch(monkeypatch, mode, kernel_runs):
 def test_bad_inputs_raise_value_error(h, b, match):
     with pytest.raises(ValueError, match=match):
         bias_gelu(h.to(DEVICE), b.to(DEVICE))
+
+
+def test_launch_helpers_trace_under_torch_compile():
+    """train_dino.py --compile traces the launchers with dynamo: the block choice must trace as one graph."""
+    traced = torch.compile(lambda M, F: module._blocks(M, F), fullgraph=True, backend="eager")
+    assert traced(50432, 1536) == module._blocks(50432, 1536)

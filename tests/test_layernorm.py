@@ -157,3 +157,10 @@ def test_dispatch_and_reference_is_the_old_layernorm(monkeypatch, mode, kernel_r
 def test_bad_inputs_raise_value_error(args, match):
     with pytest.raises(ValueError, match=match):
         add_layer_norm(*(t.to(DEVICE) if t is not None else None for t in args))
+
+
+def test_launch_helpers_trace_under_torch_compile():
+    """train_dino.py --compile traces the launchers with dynamo: the block choice must trace as one graph."""
+    from kernels import layernorm as module
+    traced = torch.compile(lambda M, D: module._block_sizes(M, D), fullgraph=True, backend="eager")
+    assert traced(50432, 384) == module._block_sizes(50432, 384)
