@@ -27,8 +27,8 @@ Memory traffic per token row, bf16 (2 bytes a value), forward + backward, in uni
     6 + 4 + 6 + 6 = 22 D, and autograd keeps s (2 D) besides y;
   - fused: forward reads x, branch (4) writes s, y (4); backward reads dy, y, ds (6) writes dx (2): 16 D, and
     nothing but y and rstd kept: -6 D of traffic and -2 D of activations per LayerNorm.
-For a ViT-S/16 DINO step (student 8,280 token-blocks per image, teacher 4,728, D = 384) that is per LayerNorm
-replaced ~1 MB less per image read or written; see bench/NOTES.md section 6 for the step-level prediction.
+For a ViT-S/16 DINO step (student 8,280 token-blocks per image, teacher 4,728 forward only, D = 384) the fused norm2
+moves 8,280 x 6 x 384 + 4,728 x 2 x 384 = 23 MB less per image; bench/NOTES.md section 6 has the step prediction.
 """
 import torch
 import torch.nn.functional as F
