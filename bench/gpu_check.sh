@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU visit: issue 12's photo pipeline first (data bench, device tests, train_dino.py on a photo folder against
 # the same step fed pre-made tensors), then the DINO step benchmark, the kernel tests compiled and the kernel
-# benchmark. Tables land in $OUT (default: ./out), each written as soon as it is done.
-# Usage (on the GPU machine, from the repository root):  bash bench/gpu_check.sh   (~8 min: run with timeout_s 600)
+# benchmarks (the fused add + LayerNorm, bias + GELU and DINO loss each with its own table). Tables land in $OUT
+# (default: ./out), each written as soon as it is done.
+# Usage (on the GPU machine, from the repository root):  bash bench/gpu_check.sh   (~9 min: run with timeout_s 600)
 # FULL=1 bash bench/gpu_check.sh adds the torch.compile yardstick and the attention tile sweep (~6 min more).
 # Most important first, each step under its own timeout, so that a slow step costs only itself.
 set -o pipefail
@@ -27,15 +28,23 @@ done
 # 1. The DINO step (issue 5's table): ours vs plain PyTorch, ViT-S/16 b128 and ViT-S/8 b32, 2x224 + 8x96 crops.
 timeout 170 python3 -m minivit.bench --only dino --out "$OUT/dino.md" 2>&1 | tee -a "$OUT/log.txt"
 # 2. The same kernel tests as CI, now compiled (8 processes share the compiling; pytest-xdist is on that machine).
-timeout 150 python3 -m pytest -q -n 8 --maxfail=5 tests/test_attention.py tests/test_patch_embed.py 2>&1 \
+timeout 150 python3 -m pytest -q -n 8 --maxfail=5 tests/test_attention.py tests/test_patch_embed.py \
+    tests/test_layernorm.py tests/test_bias_gelu.py tests/test_dino_loss.py \
+    tests/test_vit.py::test_triton_path_matches_reference_path 2>&1 \
     | tee "$OUT/tests.log" | tail -25
-# 3. Kernels against every SDPA backend and conv2d (the data pipeline, formerly step 4, is step 0a now).
-timeout 70 python3 -m kernels.bench --out "$OUT/kernels.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
+# 3. Kernels against every SDPA backend and conv2d; 3b. the fused memory-bound kernels (add + LayerNorm, bias + GELU,
+# the DINO loss) against the unfused ops and torch.compile of them, GB/s vs the copy ceiling (bench/NOTES.md sec. 6).
+timeout 70 python3 -m kernels.bench --only attention --out "$OUT/kernels.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
+timeout 30 python3 -m kernels.bench --only patch_embed --out "$OUT/kernels_patch.md" 2>&1 | tee -a "$OUT/log.txt" \
+    | tail -3
+for k in layernorm bias_gelu dino_loss; do
+    timeout 45 python3 -m kernels.bench --only $k --out "$OUT/kernels_$k.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
+done
 if [ "${FULL:-0}" = 1 ]; then
 # 5. train_dino.py --compile: both backbones under torch.compile (inductor fuses LayerNorm, GELU, residual adds).
 timeout 200 python3 -m minivit.bench --only dino --builds ours --compile --iters 20 --out "$OUT/dino_compile.md" \
     2>&1 | tee -a "$OUT/log.txt" | tail -12
-# 6. The attention tiles, swept (how kernels/attention.py's _tiles were chosen).
+# 6. The attention tiles, swept (how kernels/attention.py's _tiles were chosen; recorded in bench/NOTES.md sec. 5).
 timeout 170 python3 bench/tune_attention.py 2>&1 | tee "$OUT/tune.md" | tail -14
 fi
-cat "$OUT/data.md" "$OUT/photos_e2e.txt" "$OUT/dino.md" "$OUT/kernels.md" 2>/dev/null
+cat "$OUT/data.md" "$OUT/photos_e2e.txt" "$OUT/dino.md" "$OUT"/kernels*.md 2>/dev/null

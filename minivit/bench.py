@@ -13,10 +13,11 @@ Sections (each prints one markdown table; a failure such as an OOM becomes a "fa
           (decode + DataAugmentationDINO, written here) as the yardstick, then ours: decode per core and in N loader
           workers, MultiCropAugment on the device, and both together.
 
-"ours" runs minivit.vit as written: kernels.attention (fused FlashAttention-style) and kernels.patch_embed (one
-GEMM) -- Triton on CUDA, their PyTorch references on a CPU. "plain" runs the very same model and weights with the
-two kernel functions swapped, inside `plain_pytorch_kernels()`, for F.scaled_dot_product_attention and conv2d patch
-embedding: the way timm builds a ViT. Timing: median over steps after warm-up (CUDA events on a GPU,
+"ours" runs minivit.vit as written: kernels.attention (fused FlashAttention-style), kernels.patch_embed (one
+GEMM), kernels.layernorm (residual add + LayerNorm) and kernels.bias_gelu (fc1 bias + GELU) -- Triton on CUDA, their
+PyTorch references on a CPU. "plain" runs the very same model and weights with the kernel functions swapped, inside
+`plain_pytorch_kernels()`, for F.scaled_dot_product_attention, conv2d patch embedding, add + F.layer_norm,
+Linear-GELU-Linear and DINOLoss's PyTorch softmaxes (kernels.dino_loss's reference): the way timm builds a ViT. Timing: median over steps after warm-up (CUDA events on a GPU,
 time.perf_counter on a CPU), fresh random inputs before every step (never zeros), peak memory from
 torch.cuda.max_memory_allocated. FLOPs are model FLOPs (2 per multiply-add of the matrix products, backward = 2x
 forward); bench/NOTES.md derives them by hand and compares with the H200's ~790 TFLOP/s bf16 dense.
@@ -41,8 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from kernels import HAS_TRITON, interpreter_on, use_triton
+from kernels.bias_gelu import mlp_reference
+from kernels.dino_loss import dino_loss_reference
+from kernels.layernorm import add_layer_norm_reference, layer_norm_reference
 from kernels.patch_embed import patch_embed_reference, patch_embed_tokens_reference
-from minivit import cli, vit
+from minivit import cli, dino, vit
 from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment
 from minivit.data import Photos, build_dataset, build_loader, load_photo
 from minivit.photo_folder import make_photo_folder
@@ -114,7 +118,8 @@ def _sdpa(q, k, v, scale=None):
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-PLAIN = {"attention": _sdpa, "patch_embed": patch_embed_reference, "patch_embed_tokens": patch_embed_tokens_reference}
+PLAIN = {"attention": _sdpa, "patch_embed": patch_embed_reference, "patch_embed_tokens": patch_embed_tokens_reference,
+         "layer_norm": layer_norm_reference, "add_layer_norm": add_layer_norm_reference, "mlp": mlp_reference}
 
 
 @contextlib.contextmanager
@@ -125,13 +130,16 @@ def plain_pytorch_kernels():
     saved = {name: getattr(vit, name) for name in PLAIN if hasattr(vit, name)}
     if "attention" not in saved or len(saved) < 2:
         raise RuntimeError("minivit.vit no longer imports attention/patch_embed by name; update minivit.bench.PLAIN")
+    saved_loss = dino.dino_loss  # DINOLoss: the PyTorch softmaxes instead of kernels.dino_loss
     try:
         for name in saved:
             setattr(vit, name, PLAIN[name])
+        dino.dino_loss = dino_loss_reference
         yield
     finally:
         for name, fn in saved.items():
             setattr(vit, name, fn)
+        dino.dino_loss = saved_loss
 
 
 # ---------------------------------------------------------------------------------------------------- timing

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.dino_loss import dino_loss
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # Projection head (sec. 3.1 "Network architecture", Appendix: 3-layer MLP, hidden 2048, bottleneck 256, K outputs)
@@ -192,19 +194,15 @@ class DINOLoss(nn.Module):
         if n_student % self.ncrops != 0 or teacher_output.shape != (2 * (n_student // self.ncrops), K):
             raise ValueError(f"expected student_output (ncrops*B, K) with ncrops={self.ncrops} and teacher_output "
                              f"(2*B, K); got {tuple(student_output.shape)} and {tuple(teacher_output.shape)}")
-        B = n_student // self.ncrops
-        # float32: the softmaxes of 65536 logits are where fp16 would lose precision
-        log_p_s = F.log_softmax(student_output.float() / self.student_temp, dim=-1).view(self.ncrops, B, K)
-        q0, q1 = self.teacher_targets(teacher_output, epoch).chunk(2)  # the teacher sees the 2 global views only
         # Sum of H(P_t(x), P_s(x')) over the pairs of *different* views (eq. 3; same view: no signal, skipped): the
         # student's global view 0 meets teacher view 1, view 1 meets view 0, and every local view meets both, whose
         # cross-entropies add up to one with the summed targets: -(q0 + q1) . log p. 2 * ncrops - 2 pairs in all,
-        # and no (B, K) temporary per pair kept for the backward.
-        total = -(q1 * log_p_s[0]).sum() - (q0 * log_p_s[1]).sum()
-        if self.ncrops > 2:
-            total = total - ((q0 + q1) * log_p_s[2:]).sum()
+        # averaged with the batch. In fp32, where 65536-way softmaxes keep their precision. kernels/dino_loss.py
+        # streams the logits without (ncrops * B, K) temporaries; its reference is this sum written in PyTorch.
+        loss = dino_loss(student_output, teacher_output, self.center, self.ncrops, self.student_temp,
+                         self.teacher_temp_at(epoch))
         self.update_center(teacher_output)
-        return total / (B * (2 * self.ncrops - 2))  # the mean over the batch and over the pairs
+        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_output):

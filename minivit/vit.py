@@ -10,7 +10,8 @@ to D dimensions; a learned [class] token is prepended and a learned position emb
 
 y is the image feature (what DINO's k-NN and linear probes read); an optional linear `head` maps it to logits.
 Parameter names and shapes are exactly those of the official DINO / timm code, so their checkpoints load strictly.
-The two hot spots run hand-written Triton kernels (kernels/): the patch projection and the fused attention.
+Hand-written Triton kernels (kernels/) run the patch projection, the fused attention, LayerNorm with the residual
+add before it, and fc1's bias with GELU.
 """
 import math
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.attention import attention
+from kernels.bias_gelu import mlp
+from kernels.layernorm import add_layer_norm, layer_norm
 from kernels.patch_embed import patch_embed, patch_embed_tokens
 
 LN_EPS = 1e-6  # LayerNorm epsilon of the official ViT/DINO code (PyTorch's default is 1e-5)
@@ -50,15 +53,19 @@ class ViTConfig:
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (Ba et al. 2016) that runs in its input's dtype, also under autocast. Autocast would copy a bf16
-    input to fp32 first and keep that copy for the backward; PyTorch's kernel already computes the mean and variance
-    in fp32 whatever the input, so the copy buys nothing: without it a LayerNorm moves a third of the bytes and
-    keeps 2 instead of 4 bytes per value. The parameters stay fp32 (names and shapes as nn.LayerNorm's)."""
+    """nn.LayerNorm (Ba et al. 2016) that runs in its input's dtype, also under autocast, on one Triton kernel
+    (kernels/layernorm.py). Autocast would copy a bf16 input to fp32 first and keep that copy for the backward;
+    the kernel computes the mean and variance in fp32 whatever the input, so the copy buys nothing: without it a
+    LayerNorm moves a third of the bytes. The kernel keeps only its output (which the next Linear keeps anyway) and
+    one fp32 per row. The parameters stay fp32 (names and shapes as nn.LayerNorm's)."""
 
     def forward(self, x):
         """x (..., D) -> (..., D), x's dtype."""
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
+
+    def add_norm(self, x, branch):
+        """The residual add and this norm in one pass: x, branch (..., D) -> (x + branch, norm(x + branch))."""
+        return add_layer_norm(x, branch, self.weight, self.bias, self.eps)
 
 
 class DropPath(nn.Module):
@@ -131,17 +138,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two-layer MLP with exact (erf) GELU (ViT eq. 3): fc2(GELU(fc1(x))), hidden = mlp_ratio * D."""
+    """Two-layer MLP with exact (erf) GELU (ViT eq. 3): fc2(GELU(fc1(x))), hidden = mlp_ratio * D. fc1's bias and
+    GELU run as one kernel (kernels/bias_gelu.py) whose backward recomputes GELU instead of keeping its output."""
 
     def __init__(self, dim, hidden_dim):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()  # approximate="none": the erf form of the official code
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x):
         """x (B, N, D) -> (B, N, D)."""
-        return self.fc2(self.act(self.fc1(x)))
+        return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 class Block(nn.Module):
@@ -157,9 +164,9 @@ class Block(nn.Module):
 
     def forward(self, x):
         """x (B, N, D) -> (B, N, D)."""
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        h = self.norm1(x)
+        x, h = self.norm2.add_norm(x, self.drop_path(self.attn(h)))  # x + attention branch, and norm2 of it
+        return x + self.drop_path(self.mlp(h))
 
 
 class VisionTransformer(nn.Module):

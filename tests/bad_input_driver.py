@@ -22,7 +22,8 @@ def run_once(command, argv):
         try:
             if command.endswith(".py"):
                 runpy.run_path(command, run_name="__main__")
-            else:
+            else:  # as a fresh `python -m`: an earlier case may have imported the module (runpy warns then)
+                sys.modules.pop(command, None)
                 runpy.run_module(command, run_name="__main__", alter_sys=True)
         except SystemExit as e:  # what the interpreter does with it: a message goes to stderr with status 1
             if isinstance(e.code, int) or e.code is None:

@@ -136,7 +136,7 @@ def test_config_defaults_are_vit_b16():
     assert m.config == ViTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=3)
     for ln in [m.blocks[0].norm1, m.blocks[1].norm2, m.norm]:
         assert ln.eps == 1e-6  # official ViT/DINO, not PyTorch's 1e-5
-    assert m.blocks[0].mlp.act.approximate == "none"  # exact erf GELU
+    # exact erf GELU: pinned numerically by the functional ViT tests (x * Phi(x)) and tests/test_bias_gelu.py
 
 
 def official_vit_s16_keys(depth=12, D=384):
