@@ -165,10 +165,10 @@ def batches(data, num_images, image_size, patch_size, batch_size, image_set=None
     VOC images one at a time (their sizes vary)."""
     from minivit.data import ShapesDataset
 
-    if data == "shapes":
+    if data in ("shapes", "shapes_plain"):
         if image_size % patch_size:
             raise ValueError(f"--image_size {image_size} is not a multiple of the patch size {patch_size}")
-        dataset = ShapesDataset("test", load_size=image_size)
+        dataset = ShapesDataset("test", load_size=image_size, clutter=data == "shapes")
         n = min(num_images or len(dataset), len(dataset))
         for start in range(0, n, batch_size):
             rendered = [dataset.render(i) for i in range(start, min(start + batch_size, n))]
@@ -176,7 +176,7 @@ def batches(data, num_images, image_size, patch_size, batch_size, image_set=None
                    torch.stack([r[2] for r in rendered]).long())                 # mask True -> object id 1
         return
     if not os.path.isdir(data):
-        raise ValueError(f"--data {data!r}: use 'shapes' or a PASCAL VOC-style folder (JPEGImages/ + "
+        raise ValueError(f"--data {data!r}: use 'shapes', 'shapes_plain' or a PASCAL VOC-style folder (JPEGImages/ + "
                          f"SegmentationObject/ or SegmentationClass/)")
     for image_path, mask_path in voc_pairs(data, image_set)[:num_images]:
         image, labels = load_pair(image_path, mask_path, image_size, patch_size)
@@ -277,8 +277,8 @@ def main(argv=None):
                         "side-by-side table, e.g. dino=runs/dino/teacher_backbone.pth supervised=... random=none")
     parser.add_argument("--patch_size", type=int, default=None, help="override the arch's patch (as the model "
                         "was trained with, e.g. 4 for train_vit.py's offline ViT)")
-    parser.add_argument("--data", default="shapes", help="'shapes' (offline, 1000 test images with known masks) "
-                        "or a PASCAL VOC-style folder")
+    parser.add_argument("--data", default="shapes", help="'shapes' or 'shapes_plain' (offline, 1000 test images "
+                        "with known masks) or a PASCAL VOC-style folder")
     parser.add_argument("--image_set", default=None, help="VOC: use the names in ImageSets/Segmentation/<name>.txt "
                         "(e.g. val); default: every image with a mask")
     parser.add_argument("--image_size", type=int, default=None, help="shorter side in px; default 64 for shapes, "
@@ -291,7 +291,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    shapes = args.data == "shapes"
+    shapes = args.data in ("shapes", "shapes_plain")
     image_size = args.image_size or (64 if shapes else 480)
     models = build_backbones(args.arch, parse_weights(args.weights), args.device, img_size=image_size,
                              patch_size=args.patch_size)
@@ -306,7 +306,7 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         raise SystemExit(str(e)) from None
     os.makedirs(args.output_dir, exist_ok=True)
-    setup = {"data": "shapes test" if shapes else args.data, "images": n_images, "objects": n_objects,
+    setup = {"data": f"{args.data} test" if shapes else args.data, "images": n_images, "objects": n_objects,
              "arch": args.arch, "patch_size": patch_size, "image_size": image_size, "mass": args.mass,
              "weights": {label: path for label, path in parse_weights(args.weights)}}
     written = list(write_report(args.output_dir, scores, setup))
