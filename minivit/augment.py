@@ -266,8 +266,9 @@ class MultiCropAugment:
     (p=0.5), colour-jittered (0.4, 0.4, 0.2, 0.1; p=0.8), made grey (p=0.2), blurred (sigma U(0.1, 2); p=1.0 for
     global view 1, 0.1 for global view 2, 0.5 for local views), solarized (p=0.2, global view 2 only) and
     normalised with ImageNet statistics (color_jitter = (brightness, contrast, saturation, hue) and its
-    probability color_jitter_p are DINO's unless given). The blur's sigma is in pixels of a 224 px global view: smaller crops get
-    it scaled by global_crop_size / 224, so that a 32 px view is blurred as much as a 224 px one, not 7x more.
+    probability color_jitter_p are DINO's unless given). The blur's sigma is in pixels of a 224 px global view:
+    smaller crops get it scaled by global_crop_size / 224, so that a 32 px view is blurred as much as a 224 px one,
+    not 7x more.
     __call__(uint8 (B, 3, S, S), generator) -> [(B, 3, G, G)] * 2 + [(B, 3, L, L)] * local_crops_number."""
 
     def __init__(self, global_crop_size=224, local_crop_size=96, local_crops_number=8,

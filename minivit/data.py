@@ -83,8 +83,9 @@ class ShapesDataset(Dataset):
     Image i of a split is drawn from a numpy Generator seeded with (seed, split, i), so it is the same in every
     process: drawing one 64 px image takes ~1 ms of CPU, so each loader worker makes ~1000 images a second. With
     cache=True each image is drawn the first time it is asked for and kept in memory (5000 images: 61 MB at 64 px),
-    so that from the second epoch on a GPU is not kept waiting by the drawing. Labels cycle through the classes (i % 10), so every split is exactly
-    balanced. 5000 train / 1000 test images: small enough for CPU runs, with a test accuracy resolved to 0.1%.
+    so that from the second epoch on a GPU is not kept waiting by the drawing. Labels cycle through the classes
+    (i % 10), so every split is exactly balanced. 5000 train / 1000 test images: small enough for CPU runs, with a
+    test accuracy resolved to 0.1%.
     With clutter, raw pixels are no use: 1-nearest-neighbour on pixels scores 15.4% and a linear classifier 8.4%
     (chance 10%), while a 4-layer CNN (Adam, flips, constant lr) scores 56-71% over its epochs 10-15.
     `mask(i)` gives the object's ground-truth pixels (S, S) bool, for attention-map segmentation (Jaccard).
@@ -335,8 +336,8 @@ def build_dataset(data, split, load_size=None, cache=False):
     if data == "digits":
         return digits_dataset(split, load_size or 32)
     if not os.path.isdir(data):
-        raise ValueError(f"data={data!r} is not a folder; use 'shapes', 'shapes_plain', 'digits', an ImageNet-style folder "
-                         f"(<class>/<image>.jpg, or train/ and val/) or a CIFAR-10/100 python folder")
+        raise ValueError(f"data={data!r} is not a folder; use 'shapes', 'shapes_plain', 'digits', an ImageNet-style "
+                         f"folder (<class>/<image>.jpg, or train/ and val/) or a CIFAR-10/100 python folder")
     cifar = _find_cifar(data)
     if cifar is not None:
         return cifar_dataset(cifar, split, load_size or 32)
