@@ -18,20 +18,20 @@ timeout 330 python3 train_dino.py --arch vit_s8 --num_workers 4 --output_dir "$R
     | grep -v "^ep "
 DINO_S=$(python3 -c "import json; print(int(json.loads(open('$R/dino/log.jsonl').readlines()[-1])['time']))")
 SUP="--data shapes_plain --arch vit_s8 --patch_size 8 --image_size 64 --load_size 64 --crop_scale 0.4 --hflip \
-     --batch_size 128 --num_workers 4 --warmup_epochs 1"
-timeout 60 python3 train_vit.py $SUP --epochs 1 --output_dir "$R/sup_probe" > "$R/sup_probe.log" 2>&1
+     --batch_size 128 --num_workers 4"
+timeout 60 python3 train_vit.py $SUP --epochs 1 --warmup_epochs 0 --output_dir "$R/sup_probe" > "$R/sup_probe.log" 2>&1
 SUP_EPOCHS=$(python3 -c "import json; r = json.load(open('$R/sup_probe/results.json'));
 print(max(2, round($DINO_S * r['train_images_per_s'] / r['train_images'])))")  # the same wall time as DINO's
 echo "supervised: $SUP_EPOCHS epochs for DINO's $DINO_S s" | tee -a "$R/dino.log"
-timeout 360 python3 train_vit.py $SUP --epochs "$SUP_EPOCHS" --eval_every "$SUP_EPOCHS" --output_dir "$R/sup" \
-    2>&1 | tee "$R/sup.log" | tail -3
+timeout 360 python3 train_vit.py $SUP --epochs "$SUP_EPOCHS" --warmup_epochs 1 --eval_every "$SUP_EPOCHS" \
+    --output_dir "$R/sup" 2>&1 | tee "$R/sup.log" | tail -3
 W="dino=$R/dino/teacher_backbone.pth supervised=$R/sup/checkpoint.pt random=none"
 timeout 60 python3 -m minivit.segmentation --arch vit_s8 --data shapes_plain --weights $W --output_dir "$R/seg" \
     2>&1 | tail -8
 timeout 90 python3 -m minivit.copydetect --arch vit_s8 --data shapes_plain --weights $W --output_dir "$R/copy" \
     2>&1 | tail -8
-timeout 150 python3 -m minivit.compare --data shapes_plain --epochs 3 --output_dir "$R/compare" \
-    --common_args "--image_size 64 --load_size 64 --crop_scale 0.4 --hflip --batch_size 128 --num_workers 4" \
+COMMON="--image_size 64 --load_size 64 --crop_scale 0.4 --hflip --batch_size 128 --num_workers 4 --warmup_epochs 1"
+timeout 150 python3 -m minivit.compare --data shapes_plain --epochs 3 --output_dir "$R/compare" --common_args "$COMMON" \
     --vit_args "--arch vit_s8 --patch_size 8 --pretrained $R/dino/teacher_backbone.pth" \
     --resnet_args "--arch resnet18 --small_stem" 2>&1 | tail -8
 python3 - "$R" <<'PY'
