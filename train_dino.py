@@ -12,7 +12,7 @@ Without --data an offline preset replaces the ImageNet defaults that neither a C
 afford: OFFLINE_CPU, or OFFLINE_GPU when the run is on CUDA (below). Both train on the plain shapes, drawn once and
 kept in memory; the script prints the preset and the values it applied (flags given still win), and at the end the
 teacher's k-NN accuracy next to a random-init and a raw-pixel baseline (README, Results, has the measured numbers:
-on a shared 2-core CPU ten minutes are ~4,000 images, too few for ViT-S/8 to beat its random init; the GPU
+on a shared 2-core CPU ten minutes were 2,000-4,000 images, too few for ViT-S/8 to beat its random init; the GPU
 preset is bench/gpu_check.sh's first step).
 Outputs in --output_dir: checkpoint.pth (official layout: `student` keys start with `module.` as the
 official DDP-wrapped student's, `teacher` keys with `backbone.`/`head.`; plus optimizer, epoch, args, dino_loss,
