@@ -1,24 +1,25 @@
 """DINO self-supervised training (Caron et al. 2021): a student ViT (or ResNet) learns to match an EMA teacher
 across multi-crop views, with no labels. The recipe and defaults are those of the official main_dino.py.
 
-    python train_dino.py --arch vit_s8                               # CPU, offline: shapes, scaled down (~10 min)
+    python train_dino.py --arch vit_s8                # offline: plain shapes, the CPU (~10 min) or GPU (~5 min) preset
     python train_dino.py --arch vit_s8 --data /path/to/imagenet/train --knn_data /path/to/imagenet   # one GPU
     torchrun --nproc_per_node=8 train_dino.py --arch vit_s16 --data /path/to/imagenet/train          # 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_dino.py ...
     python train_dino.py --arch resnet50 --optimizer sgd --lr 0.03 --weight_decay 1e-4 --weight_decay_end 1e-4 \\
         --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14 --data ...      # the official ResNet-50 run
 
-Without --data the offline defaults (OFFLINE below) replace the ImageNet ones that a CPU cannot afford; the script
-prints the ones it applied, and at the end the teacher's k-NN accuracy next to a random-init and a raw-pixel
-baseline. Measured (torch 2.13, 2 cores of a Xeon, 5.8 min): teacher 10.4%, random init 8.6%, raw pixels 12.6%
-(chance 10%): 80 steps of ViT-S/8 do not learn the shapes (the same ViT trained with labels for the same 80 steps
-is at 10.3% too), and the run ends in the uniform collapse the monitor flags. It exercises the whole pipeline;
-DINO's features need a GPU and ImageNet-scale step counts (README, Results, lists what else was tried).
+Without --data an offline preset replaces the ImageNet defaults that neither a CPU nor ~5 minutes of one GPU can
+afford: OFFLINE_CPU, or OFFLINE_GPU when the run is on CUDA (below). Both train on the plain shapes, drawn once and
+kept in memory; the script prints the preset and the values it applied (flags given still win), and at the end the
+teacher's k-NN accuracy next to a random-init and a raw-pixel baseline (README, Results, has the measured numbers:
+on a shared 2-core CPU ten minutes were 2,000-4,000 images, too few for ViT-S/8 to beat its random init; the GPU
+preset is bench/gpu_check.sh's first step).
 Outputs in --output_dir: checkpoint.pth (official layout: `student` keys start with `module.` as the
 official DDP-wrapped student's, `teacher` keys with `backbone.`/`head.`; plus optimizer, epoch, args, dino_loss,
 fp16_scaler, and our kind/rng), teacher_backbone.pth (the teacher's backbone alone, the official "backbone only"
 format, what models.load_pretrained and timm-style code load; also as teacher_backbone.safetensors), log.jsonl,
-curves.png, attention/*.png.
+curves.png, attention/*.png and attention/ep*.pt (the maps before training and at each evaluation:
+`python -m minivit.dino_figure` draws them).
 
 Randomness: each process and step draws its crops from a generator seeded with (seed, epoch, step, rank), and the
 global RNG (drop path) is saved in the checkpoint, so --resume continues exactly. With --seed_per_image the crops
@@ -44,15 +45,48 @@ from minivit.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients
 from minivit.knn import knn_eval
 from minivit.models import ARCHS, arch_family, build_model, patch_size
 
-# Offline defaults (no --data): ImageNet's 224/96 px crops, 65536 prototypes and 100 epochs do not fit ~10 minutes
-# of a 2-core CPU. Shapes (64 px, minivit/data.py) are cut into 32 px global and 16 px local crops (4x4 and 2x2
-# patches for a /8 ViT); an "epoch" is 20 steps of 32 images. So short a run needs a higher lr, a faster teacher,
-# fewer prototypes and sharper targets (teacher temperature 0.02, the official advice against collapse) to move at
-# all: with 0.04 the targets went uniform within 20 steps. Still too short to learn the shapes (module docstring).
-OFFLINE = dict(out_dim=2048, global_crop_size=32, local_crop_size=16, local_crops_number=4, batch_size_per_gpu=32,
-               epochs=4, iters_per_epoch=20, warmup_epochs=1, lr=0.002, momentum_teacher=0.99, teacher_temp=0.02,
-               warmup_teacher_temp=0.02, freeze_last_layer=0, eval_every=2, num_workers=0, baselines=True)
-KNN_SHAPES = {"train": 1000, "test": 500}  # the offline k-NN uses the first images of each split (~30 s on 2 cores)
+# Offline presets (no --data): ImageNet's 224/96 px crops, 65536 prototypes and 100 epochs fit neither ~10 minutes
+# of a 2-core CPU nor ~5 of one GPU. Both train on the plain shapes (minivit/data.py: large objects on a flat
+# colour, drawn once and kept in memory), so that what two views of an image share is the object; an "epoch" is
+# iters_per_epoch steps. So short a run needs a higher lr, a faster teacher (momentum 0.99), fewer prototypes and
+# sharper targets than the official defaults to move at all. The CPU preset keeps the teacher temperature at 0.02:
+# warmed up to 0.04 its targets went uniform by epoch 3. Measured, it still does not beat its random init in ten
+# minutes of a shared 2-core CPU (README, Results, lists what was tried).
+OFFLINE_CPU = dict(shapes="plain", color_jitter=(0.4, 0.4, 0.4, 0.5), color_jitter_p=1.0, out_dim=512,
+                   global_crop_size=24, local_crop_size=8, local_crops_number=4, batch_size_per_gpu=32, epochs=6,
+                   iters_per_epoch=20, warmup_epochs=1, lr=0.004, momentum_teacher=0.99, warmup_teacher_temp=0.02,
+                   teacher_temp=0.02, warmup_teacher_temp_epochs=0, freeze_last_layer=0, eval_every=2,
+                   num_workers=0, baselines=True, knn_images=(1000, 500))
+# One modern GPU, ~5 minutes with the evaluations: 64 px global / 32 px local crops (8x8 and 4x4 patches of 8 px:
+# each object spans several), 30 epochs of the 5000 images (1170 steps of 128). Counted: ~36 GFLOP an image, 12x
+# fewer than the 2x224 + 8x96 step measured at 364 img/s on an H200 (README, Kernels), so ~2.5 min at 1000 img/s.
+OFFLINE_GPU = dict(shapes="plain", color_jitter=(0.4, 0.4, 0.4, 0.5), color_jitter_p=1.0, out_dim=1024,
+                   global_crop_size=64, local_crop_size=32, local_crops_number=6, batch_size_per_gpu=128, epochs=30,
+                   iters_per_epoch=39, warmup_epochs=3, lr=0.001, momentum_teacher=0.99, drop_path_rate=0.1,
+                   warmup_teacher_temp=0.02, teacher_temp=0.04, warmup_teacher_temp_epochs=10, freeze_last_layer=0,
+                   eval_every=10, num_workers=4, baselines=True, knn_images=(5000, 1000))
+PRESETS = {"cpu": OFFLINE_CPU, "gpu": OFFLINE_GPU}
+
+
+def offline_preset(device):
+    """The offline preset's name for --device: "gpu" when it resolves to CUDA (auto with CUDA present), else
+    "cpu" (also for mps)."""
+    cuda = device == "cuda" or device.startswith("cuda:") or (device == "auto" and torch.cuda.is_available())
+    return "gpu" if cuda else "cpu"
+
+
+def preset_note(key):
+    """'offline CPU x, GPU y': a help string's note of the presets' values."""
+    return f"offline CPU {OFFLINE_CPU[key]}, GPU {OFFLINE_GPU[key]}"
+
+
+def preset_line(args):
+    """The line that says which offline preset parse_args picked and the values it applied (those equal to the
+    preset's: a flag given with another value won over it and is left out)."""
+    preset = PRESETS[args.preset]
+    applied = ", ".join(f"{k}={getattr(args, k)}" for k in preset if getattr(args, k) == preset[k])
+    return (f"offline default (no --data): the {args.preset.upper()} preset (--device {args.device}, CUDA "
+            f"{'present' if torch.cuda.is_available() else 'absent'}); applied {applied}")
 
 
 def parse_args(argv=None):
@@ -61,8 +95,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_s16", help=f"one of {', '.join(ARCHS)}. Patch 8 gives better features "
                    "and attention maps for ~4x the compute (ViT-S/8 k-NN 78.3 vs 74.5 for /16 on ImageNet)")
-    g.add_argument("--out_dim", type=int, default=65536, help="K, prototypes of the head's last layer (offline "
-                   f"{OFFLINE['out_dim']}). Large values (65536) suit large, varied data sets")
+    g.add_argument("--out_dim", type=int, default=65536, help="K, prototypes of the head's last layer ("
+                   f"{preset_note('out_dim')}). Large values (65536) suit large, varied data sets")
     g.add_argument("--norm_last_layer", action=argparse.BooleanOptionalAction, default=True, help="freeze the "
                    "last layer's weight-norm magnitudes at 1. --no-norm_last_layer gives better features but can "
                    "be unstable: the official runs use it for ViT-S, keep the default for ViT-B")
@@ -72,43 +106,49 @@ def parse_args(argv=None):
                    "teacher has none); ignored for ResNets")
     g = p.add_argument_group("DINO")
     g.add_argument("--momentum_teacher", type=float, default=0.996, help="EMA momentum at the start, raised to 1 by "
-                   f"a cosine (offline {OFFLINE['momentum_teacher']}). Raise it for small batches "
+                   f"a cosine ({preset_note('momentum_teacher')}). Raise it for small batches "
                    "(official: 0.9995 at batch 256); lower it for very short runs, or the teacher stays at its init")
     g.add_argument("--warmup_teacher_temp", type=float, default=0.04, help="teacher temperature at epoch 0 "
-                   f"(offline {OFFLINE['warmup_teacher_temp']}); lower it if the loss does not go down")
+                   f"({preset_note('warmup_teacher_temp')}); lower it if the loss does not go down")
     g.add_argument("--teacher_temp", type=float, default=0.04, help="teacher temperature after the warm-up "
-                   f"(offline {OFFLINE['teacher_temp']}). 0.04 works in most cases; 0.02 if the targets collapse to "
+                   f"({preset_note('teacher_temp')}). 0.04 works in most cases; 0.02 if the targets collapse to "
                    "uniform; 0.07 (with --warmup_teacher_temp_epochs 30) is better for long runs; above 0.07 is "
                    "unstable")
     g.add_argument("--warmup_teacher_temp_epochs", type=int, default=0, help="epochs of linear warm-up from "
                    "--warmup_teacher_temp to --teacher_temp (0: none; 30 with --teacher_temp 0.07)")
     g = p.add_argument_group("multi-crop")
-    g.add_argument("--global_crop_size", type=int, default=224, help=f"side of the 2 global crops, px (offline "
-                   f"{OFFLINE['global_crop_size']}); also the ViT's img_size and the k-NN evaluation size")
+    g.add_argument("--global_crop_size", type=int, default=224, help=f"side of the 2 global crops, px ("
+                   f"{preset_note('global_crop_size')}); also the ViT's img_size and the k-NN evaluation size")
     g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0), help="area fraction of the "
                    "image a global crop covers; use 0.14 1 with --local_crops_number 0")
-    g.add_argument("--local_crops_number", type=int, default=8, help="small local crops per image (offline "
-                   f"{OFFLINE['local_crops_number']}): the student sees them, the teacher does not. 0 disables "
+    g.add_argument("--local_crops_number", type=int, default=8, help="small local crops per image ("
+                   f"{preset_note('local_crops_number')}): the student sees them, the teacher does not. 0 disables "
                    "multi-crop; more crops help but cost compute")
-    g.add_argument("--local_crop_size", type=int, default=96, help=f"side of a local crop, px (offline "
-                   f"{OFFLINE['local_crop_size']})")
+    g.add_argument("--local_crop_size", type=int, default=96, help=f"side of a local crop, px ("
+                   f"{preset_note('local_crop_size')})")
     g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4), help="area fraction of a "
                    "local crop")
+    g.add_argument("--color_jitter", type=float, nargs=4, default=(0.4, 0.4, 0.2, 0.1),
+                   metavar=("B", "C", "S", "H"), help="brightness, contrast, saturation and hue of each view's "
+                   f"colour jitter (DINO's; {preset_note('color_jitter')}). Raise the hue (0.5: any hue) when the "
+                   "views could match on colour alone, as on the shapes, whose colours belong to no class")
+    g.add_argument("--color_jitter_p", type=float, default=0.8, help="probability of the colour jitter per view "
+                   f"({preset_note('color_jitter_p')})")
     g.add_argument("--seed_per_image", action="store_true", help="seed each image's crops with (seed, epoch, "
                    "image index) instead of one generator per process and step: results no longer depend on the "
                    "number of processes, at ~10 ms of extra Python per image (for checking a multi-GPU run)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=100, help=f"(offline {OFFLINE['epochs']}) 300 or 800 epochs "
+    g.add_argument("--epochs", type=int, default=100, help=f"({preset_note('epochs')}) 300 or 800 epochs "
                    "give a few points more k-NN accuracy than 100")
     g.add_argument("--iters_per_epoch", type=int, default=0, help="cut each epoch to this many steps (0: the whole "
-                   f"data set; offline {OFFLINE['iters_per_epoch']}); every schedule counts these steps")
-    g.add_argument("--batch_size_per_gpu", type=int, default=64, help=f"images per process (offline "
-                   f"{OFFLINE['batch_size_per_gpu']}); ViT-S/8 needs ~17 GB at 32, use 16-32 on smaller GPUs")
+                   f"data set; {preset_note('iters_per_epoch')}); every schedule counts these steps")
+    g.add_argument("--batch_size_per_gpu", type=int, default=64, help=f"images per process ("
+                   f"{preset_note('batch_size_per_gpu')}); ViT-S/8 needs ~17 GB at 32, use 16-32 on smaller GPUs")
     g.add_argument("--lr", type=float, default=0.0005, help="peak learning rate for a global batch of 256, scaled "
-                   f"linearly: lr * batch_size_per_gpu * processes / 256 (offline {OFFLINE['lr']})")
+                   f"linearly: lr * batch_size_per_gpu * processes / 256 ({preset_note('lr')})")
     g.add_argument("--min_lr", type=float, default=1e-6, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup_epochs", type=int, default=10, help="epochs of linear lr warm-up from 0 (offline "
-                   f"{OFFLINE['warmup_epochs']})")
+    g.add_argument("--warmup_epochs", type=int, default=10, help="epochs of linear lr warm-up from 0 ("
+                   f"{preset_note('warmup_epochs')})")
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="adamw for ViTs; sgd (momentum "
                    "0.9) with --lr 0.03 for ResNets, as the official ResNet-50 run")
     g.add_argument("--weight_decay", type=float, default=0.04, help="weight decay at the start, cosine to "
@@ -119,20 +159,27 @@ def parse_args(argv=None):
                    "separately per tensor as the official code (not one global norm); 0.3-1.0 helps larger ViTs; "
                    "0 disables")
     g.add_argument("--freeze_last_layer", type=int, default=1, help="epochs during which the head's last layer "
-                   f"does not learn (offline {OFFLINE['freeze_last_layer']}); raise it if the loss does not go down "
+                   f"does not learn ({preset_note('freeze_last_layer')}); raise it if the loss does not go down "
                    "at the start")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data", default=None, help="an ImageNet-style folder (<class>/<image>), a CIFAR python folder,"
-                   " 'shapes' or 'digits'. Absent: the offline default, shapes with the OFFLINE settings")
+                   " 'shapes', 'shapes_plain' or 'digits'. Absent: the offline default, the plain shapes (see "
+                   "--shapes) with the OFFLINE_CPU or OFFLINE_GPU settings")
+    g.add_argument("--shapes", choices=("plain", "clutter"), default="plain", help="the offline data (no --data): "
+                   "plain shapes (the object is what two views share) or shapes on clutter (views match on the "
+                   "background instead)")
+    g.add_argument("--knn_images", type=int, nargs=2, default=(0, 0), metavar=("TRAIN", "TEST"), help="k-NN on the "
+                   f"first TRAIN/TEST images of each split (0: all; {preset_note('knn_images')}; CPU: ~30 s on 2 "
+                   "cores); offline only")
     g.add_argument("--knn_data", default=None, help="a folder with train/ and val/ (labelled) for the k-NN "
                    "evaluation; 'none' skips it. Default: --data's own train/test splits when it has them")
     g.add_argument("--eval_every", type=int, default=10, help="weighted k-NN (k=20, T=0.07) and attention maps "
-                   f"every this many epochs and at the end (offline {OFFLINE['eval_every']}; 0: at the end only)")
+                   f"every this many epochs and at the end ({preset_note('eval_every')}; 0: at the end only)")
     g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False, help="also k-NN a random-"
                    "init backbone and raw pixels before training (on for the offline default; raw pixels of "
                    "large images need N x 3HW floats of memory)")
-    g.add_argument("--num_workers", type=int, default=10, help=f"data loading processes (offline "
-                   f"{OFFLINE['num_workers']}); the crops are made on the training device, loading only decodes")
+    g.add_argument("--num_workers", type=int, default=10, help=f"data loading processes ("
+                   f"{preset_note('num_workers')}); the crops are made on the training device, loading only decodes")
     g = p.add_argument_group("system")
     g.add_argument("--output_dir", default="runs/dino", help="checkpoint.pth, teacher_backbone.pth, logs, plots")
     g.add_argument("--resume", action="store_true", help="continue exactly from output_dir/checkpoint.pth")
@@ -148,16 +195,18 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, crops and drop path")
     g.add_argument("--log_every", type=int, default=10, help="print a progress line every this many steps")
     args = p.parse_known_args(argv)[0]
-    if args.data is None:  # offline: the OFFLINE values become the defaults; flags given still win
-        p.set_defaults(**OFFLINE)
+    preset = offline_preset(args.device) if args.data is None else None
+    if preset:  # offline: the preset's values become the defaults; flags given still win
+        p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
+    args.preset = preset
     cli.check_args(p, args,  # every number that makes no sense stops here, in one line, before anything is written
                    positive=("out_dim", "global_crop_size", "local_crop_size", "epochs", "batch_size_per_gpu", "lr",
                              "warmup_teacher_temp", "teacher_temp", "log_every"),
                    non_negative=("warmup_teacher_temp_epochs", "local_crops_number", "iters_per_epoch", "min_lr",
                                  "warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "freeze_last_layer",
-                                 "eval_every", "saveckp_freq", "num_workers"),
-                   probability=("drop_path_rate", "momentum_teacher"),
+                                 "eval_every", "saveckp_freq", "num_workers", "color_jitter"),
+                   probability=("drop_path_rate", "momentum_teacher", "color_jitter_p"),
                    ordered=("global_crops_scale", "local_crops_scale"))
     return args
 
@@ -177,15 +226,18 @@ def knn_top1(model, sets, args, device):
 
 @torch.no_grad()
 def attention_figures(backbone, images, gt_masks, folder, epoch):
-    """Save the teacher's CLS attention maps of the first 2 images (ViT only) and return the Jaccard index of the
-    best head's 60%-mass masks against the ground-truth object masks (shapes only; else None).
-    images: normalised (n, 3, S, S) float; gt_masks: (n, S, S) bool or None."""
+    """Save the teacher's CLS attention maps of the first 2 images (ViT only) as PNGs, and those of the first 8 as
+    ep{epoch}.pt (images (8, 3, S, S) float in [0, 1], attn (8, heads, S/p, S/p): what minivit.dino_figure draws),
+    and return the Jaccard index of the best head's 60%-mass masks against the ground-truth object masks (shapes
+    only; else None). images: normalised (n, 3, S, S) float; gt_masks: (n, S, S) bool or None."""
     attn = cls_attention_maps(backbone.eval(), images)                        # (n, heads, S/p, S/p)
     masks = mass_threshold_masks(attn, 0.6)
     mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     os.makedirs(folder, exist_ok=True)
     for i in range(min(2, len(images))):
         save_attention_figure(images[i] * std + mean, attn[i], masks[i], os.path.join(folder, f"ep{epoch:04d}_{i}.png"))
+    torch.save(dict(images=(images[:8] * std + mean).clamp(0, 1).cpu(), attn=attn[:8].cpu()),
+               os.path.join(folder, f"ep{epoch:04d}.pt"))
     if gt_masks is None:
         return None
     p = backbone.patch_size  # ground truth at the patch grid: a patch is object when most of its pixels are
@@ -209,15 +261,19 @@ def main(argv=None):
             raise ValueError(f"--drop_path_rate {args.drop_path_rate} would drop every block: use a value below 1")
         info = training.setup_distributed(args.device)
         augment = MultiCropAugment(args.global_crop_size, args.local_crop_size, args.local_crops_number,
-                                   tuple(args.global_crops_scale), tuple(args.local_crops_scale))
-        # image folders: whole photos, decoded no smaller than the smallest crop needs (data.load_photo)
-        train_set = build_dataset(args.data, "train", min_pixels=augment.min_pixels)
+                                   tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.color_jitter,
+                                   args.color_jitter_p)
+        # image folders: whole photos, decoded no smaller than the smallest crop needs (data.load_photo);
+        # offline: the shapes, drawn once and kept in memory
+        shapes = "shapes" if args.shapes == "clutter" else "shapes_plain"
+        train_set = build_dataset(args.data or shapes, "train", min_pixels=augment.min_pixels, cache=offline)
         if args.knn_data == "none":
             knn_sets = None
         elif args.knn_data is not None:
             knn_sets = tuple(build_dataset(args.knn_data, split) for split in ("train", "test"))
         elif offline:
-            knn_sets = tuple(ShapesDataset(split, 64, num_images=KNN_SHAPES[split]) for split in ("train", "test"))
+            knn_sets = tuple(ShapesDataset(split, 64, num_images=n, clutter=args.shapes == "clutter", cache=True)
+                             for split, n in zip(("train", "test"), args.knn_images))
         else:
             try:
                 knn_sets = (build_dataset(args.data, "train"), build_dataset(args.data, "test"))  # eval views
@@ -243,9 +299,7 @@ def main(argv=None):
                 raise SystemExit(f"error: {ckpt_path} was trained with --{key} {state['args'].get(key)}, not "
                                  f"{getattr(args, key)}; pass --{key} {state['args'].get(key)} to resume it")
     if offline:
-        training.print0("offline default (no --data): shapes 64 px, k-NN on the first "
-                        f"{KNN_SHAPES['train']}/{KNN_SHAPES['test']} train/test images; applied "
-                        + ", ".join(f"{k}={getattr(args, k)}" for k in OFFLINE if getattr(args, k) == OFFLINE[k]))
+        training.print0(preset_line(args))
     training.print0(f"{describe(train_set)}; {world} process(es) on {device}, {precision}; args: {vars(args)}")
 
     # ------------------------------------------------------------------------------------------ data and models
@@ -256,6 +310,11 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     niter = min(len(loader), args.iters_per_epoch or len(loader))
     torch.manual_seed(args.seed)  # the same initial weights on every process
+    patch = ARCHS[args.arch].keywords["patch_size"] if family == "vit" else 1
+    for name in ("global_crop_size", "local_crop_size"):
+        if getattr(args, name) % patch:
+            raise SystemExit(f"error: --{name} {getattr(args, name)} is not a multiple of {args.arch}'s patch size "
+                             f"{patch}")
     if family == "vit":  # position table sized for the global crops (224: 196 + 1 at /16); drop path: student only
         student = build_model(args.arch, img_size=args.global_crop_size, drop_path_rate=args.drop_path_rate)
         teacher = build_model(args.arch, img_size=args.global_crop_size)
@@ -325,6 +384,9 @@ def main(argv=None):
         logger.log(epoch=0, knn_top1=baselines["random_init"], knn_raw_pixels=baselines["raw_pixels"])
         training.print0(f"k-NN baselines (k=20): random-init {args.arch} {baselines['random_init']:.1f}%, "
                         f"raw pixels {baselines['raw_pixels']:.1f}%")
+    if start_epoch == 0 and family == "vit" and info.is_main:  # the maps before training, to compare with the end
+        attention_figures(teacher.backbone, att_images, att_masks, out / "attention", 0)
+        teacher.train()
 
     # ------------------------------------------------------------------------------------------------ training
     progress = training.Progress(args.epochs, niter, args.log_every, start_epoch)

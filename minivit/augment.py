@@ -384,15 +384,18 @@ class MultiCropAugment:
     local_crops_number local views of local_crop_size from local_crops_scale, all bicubic, every box drawn over the
     whole photo at its own size and aspect. Every view is flipped (p=0.5), colour-jittered (0.4, 0.4, 0.2, 0.1;
     p=0.8), made grey (p=0.2), blurred (sigma U(0.1, 2); p=1.0 for global view 1, 0.1 for global view 2, 0.5 for
-    local views), solarized (p=0.2, global view 2 only) and normalised with ImageNet statistics. The blur's sigma is
-    in pixels of a 224 px global view: smaller crops get it scaled by global_crop_size / 224, so that a 32 px view
-    is blurred as much as a 224 px one, not 7x more.
+    local views), solarized (p=0.2, global view 2 only) and normalised with ImageNet statistics (color_jitter =
+    (brightness, contrast, saturation, hue) and its probability color_jitter_p are DINO's unless given). The blur's
+    sigma is in pixels of a 224 px global view: smaller crops get it scaled by global_crop_size / 224, so that a
+    32 px view is blurred as much as a 224 px one, not 7x more.
     The crops of all global views, then of all local views, are cut in one crop_resize call each.
     __call__(uint8 (B, 3, S, S) or data.Photos, generator)
     -> [(B, 3, G, G)] * 2 + [(B, 3, L, L)] * local_crops_number, float32."""
 
     def __init__(self, global_crop_size=224, local_crop_size=96, local_crops_number=8,
-                 global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4)):
+                 global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), color_jitter=(0.4, 0.4, 0.2, 0.1),
+                 color_jitter_p=0.8):
+        self.color_jitter, self.color_jitter_p = tuple(color_jitter), color_jitter_p
         self.global_crop_size, self.local_crop_size = global_crop_size, local_crop_size
         self.local_crops_number = local_crops_number
         self.global_crops_scale, self.local_crops_scale = global_crops_scale, local_crops_scale
@@ -402,7 +405,7 @@ class MultiCropAugment:
         self.min_pixels = min_pixels(crops)  # 96^2 / 0.05 = 184,320 for DINO's defaults (about 500 x 375)
 
     def _photometric(self, x, blur_p, solarize_p, generator):
-        x = color_jitter(x, 0.4, 0.4, 0.2, 0.1, p=0.8, generator=generator)
+        x = color_jitter(x, *self.color_jitter, p=self.color_jitter_p, generator=generator)
         x = random_grayscale(x, p=0.2, generator=generator)
         x = gaussian_blur(x, p=blur_p, sigma=self.blur_sigma, generator=generator)
         x = solarize(x, p=solarize_p, generator=generator)

@@ -269,7 +269,7 @@ def main(argv=None):
     parser.add_argument("--weights", nargs="+", default=["random=none"], help="label=PATH or label=none (random "
                         "init); several for a side-by-side table, e.g. dino=... supervised=... random=none")
     parser.add_argument("--patch_size", type=int, default=None, help="override the arch's patch (as trained)")
-    parser.add_argument("--data", default="shapes", help="'shapes', 'digits', or a folder of images")
+    parser.add_argument("--data", default="shapes", help="'shapes', 'shapes_plain', 'digits', or a folder of images")
     parser.add_argument("--image_size", type=int, default=None, help="side of the square images; default 64 "
                         "shapes, 32 digits, 224 folders")
     parser.add_argument("--num_originals", type=int, default=50, help="each gives one query per edit")
@@ -287,7 +287,7 @@ def main(argv=None):
     with cli.errors():
         device = training.pick_device(args.device)
         training.make_output_dir(args.output_dir)
-    image_size = args.image_size or {"shapes": 64, "digits": 32}.get(args.data, 224)
+    image_size = args.image_size or {"shapes": 64, "shapes_plain": 64, "digits": 32}.get(args.data, 224)
     models = build_backbones(args.arch, parse_weights(args.weights), device, args.trust_pickle, img_size=image_size,
                              patch_size=args.patch_size)
     patch = getattr(next(iter(models.values())), "patch_size", 1)

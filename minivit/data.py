@@ -8,8 +8,9 @@ changes are made afterwards on whole batches on the GPU (minivit/augment.py). Fo
 crop boxes are drawn over the whole photo as the official RandomResizedCrop draws them. For evaluation a photo is
 resized once to an S x S square (load_image: Resize(S) + the centre square).
 
-Sources, chosen by `build_dataset(data, split, load_size, min_pixels)`:
-  None / "shapes"  procedural shapes on clutter with ground-truth object masks (offline, the default), 64 px
+Sources, chosen by `build_dataset(data, split, load_size, min_pixels, cache)`:
+  None / "shapes"  procedural shapes on clutter with ground-truth object masks, 64 px
+  "shapes_plain"   the same shapes, larger, on a flat colour (the offline DINO default), 64 px
   "digits"         scikit-learn's bundled 8x8 handwritten digits (1797 real images), upscaled to 32 px
   a folder         ImageNet-style root/<class>/<image>.jpg, or root/train/... and root/val/...; 256 px
   a CIFAR folder   the "python version" of CIFAR-10/100 (data_batch_1..5 + test_batch, or train + test), 32 px
@@ -75,36 +76,48 @@ SHAPES = {
 
 
 class ShapesDataset(Dataset):
-    """Ten filled shapes (SHAPES) at a random position, size, rotation and colour over clutter: a smooth colour
-    field, a coarse texture, random lines, blobs and small polygon fragments, plus pixel noise.
+    """Ten filled shapes (SHAPES) at a random position, size, rotation and colour. Two looks:
+    clutter=True (the default): over clutter, a smooth colour field, a coarse texture, random lines, blobs and small
+    polygon fragments, objects of radius 0.16-0.3 of the side; clutter=False ("plain"): over one flat random colour,
+    objects of radius 0.3-0.45, so that what two crops of an image share is the object, not its background (the
+    offline DINO default: with clutter its two views matched on the background, README, Results). Both add pixel
+    noise.
 
     Image i of a split is drawn from a numpy Generator seeded with (seed, split, i), so it is the same in every
-    process and never stored: drawing one 64 px image takes ~1 ms of CPU, so each loader worker makes ~1000 images
-    a second (use a few workers on a GPU). Labels cycle through the classes (i % 10), so every split is exactly
-    balanced. 5000 train / 1000 test images: small enough for CPU runs, with a test accuracy resolved to 0.1%.
-    Raw pixels are no use here: 1-nearest-neighbour on pixels scores 15.4% and a linear classifier 8.4% (chance
-    10%), while a 4-layer CNN (Adam, flips, constant lr) scores 56-71% over its epochs 10-15: learnable, not easy.
+    process: drawing one 64 px image takes ~1 ms of CPU, so each loader worker makes ~1000 images a second. With
+    cache=True each image is drawn the first time it is asked for and kept in memory (5000 images: 61 MB at 64 px),
+    so that from the second epoch on a GPU is not kept waiting by the drawing. Labels cycle through the classes
+    (i % 10), so every split is exactly balanced. 5000 train / 1000 test images: small enough for CPU runs, with a
+    test accuracy resolved to 0.1%.
+    With clutter, raw pixels are no use: 1-nearest-neighbour on pixels scores 15.4% and a linear classifier 8.4%
+    (chance 10%), while a 4-layer CNN (Adam, flips, constant lr) scores 56-71% over its epochs 10-15.
     `mask(i)` gives the object's ground-truth pixels (S, S) bool, for attention-map segmentation (Jaccard).
     """
     SIZES = {"train": 5000, "test": 1000}
 
-    def __init__(self, split="train", load_size=64, seed=0, num_images=None):
+    def __init__(self, split="train", load_size=64, seed=0, num_images=None, clutter=True, cache=False):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: use 'train' or 'test'")
-        self.split, self.load_size, self.seed, self.source = split, load_size, seed, "shapes"
+        self.split, self.load_size, self.seed, self.clutter = split, load_size, seed, clutter
+        self.source = "shapes" if clutter else "shapes_plain"
         self.classes = list(SHAPES)
         self.num_classes = len(self.classes)
         self.num_images = num_images or self.SIZES[split]
         self.targets = [i % self.num_classes for i in range(self.num_images)]
+        self.cache = None
+        if cache:  # filled as images are first asked for; in shared memory, so loader workers fill it for all
+            N = self.num_images
+            self.cache = dict(images=torch.zeros(N, 3, load_size, load_size, dtype=torch.uint8).share_memory_(),
+                              masks=torch.zeros(N, load_size, load_size, dtype=torch.bool).share_memory_(),
+                              drawn=torch.zeros(N, dtype=torch.bool).share_memory_())
 
     def __len__(self):
         return self.num_images
 
-    def render(self, i):
-        """-> image uint8 (3, S, S), label int, mask bool (S, S): the pixels covered by the object."""
-        S, label = self.load_size, self.targets[i]
-        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
-        # background: a smooth colour field plus a coarse texture, both upsampled from tiny random images
+    @staticmethod
+    def _clutter(rng, S):
+        """The cluttered background: a smooth colour field plus a coarse texture, both upsampled from tiny random
+        images, then random lines, blobs and polygon fragments smaller than any object. -> PIL RGB (S, S)."""
         field = Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)).resize((S, S), Image.BILINEAR)
         texture = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((S, S), Image.BICUBIC)
         image = Image.blend(field, texture, 0.35)
@@ -117,8 +130,19 @@ class ShapesDataset(Dataset):
         for _ in range(rng.integers(1, 4)):  # polygon fragments, smaller than any object
             points = rng.uniform(-1, 1, (int(rng.integers(3, 6)), 2))
             draw.polygon(_polygon(points, 0.0, rng.uniform(0.04, 0.1), *rng.uniform(0, 1, 2), S), next(colours))
-        # the object: a random radius (fraction of the side), fully inside the image, at any angle
-        radius = rng.uniform(0.16, 0.3)
+        return image
+
+    def render(self, i):
+        """-> image uint8 (3, S, S), label int, mask bool (S, S): the pixels covered by the object."""
+        S, label = self.load_size, self.targets[i]
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
+        if self.clutter:
+            image = self._clutter(rng, S)
+            radius = rng.uniform(0.16, 0.3)  # the object's radius, a fraction of the side
+        else:
+            image = Image.new("RGB", (S, S), tuple(rng.integers(0, 256, 3).tolist()))
+            radius = rng.uniform(0.3, 0.45)
+        # the object: fully inside the image, at any angle
         cx, cy = rng.uniform(radius, 1 - radius, 2)
         angle = rng.uniform(0, 2 * np.pi)
         mask_image = Image.new("L", (S, S), 0)
@@ -136,13 +160,21 @@ class ShapesDataset(Dataset):
         image = torch.from_numpy(pixels.round().clip(0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
         return image, label, torch.from_numpy(mask)
 
+    def _cached(self, i):
+        """render(i) the first time, from memory afterwards: -> image (3, S, S) uint8, mask (S, S) bool."""
+        c = self.cache
+        if not c["drawn"][i]:
+            c["images"][i], _, c["masks"][i] = self.render(i)
+            c["drawn"][i] = True
+        return c["images"][i], c["masks"][i]
+
     def __getitem__(self, i):
-        image, label, _ = self.render(i)
-        return image, label
+        image = self._cached(i)[0] if self.cache else self.render(i)[0]
+        return image, self.targets[i]
 
     def mask(self, i):
         """Ground-truth foreground of image i: bool tensor (S, S), True on the object."""
-        return self.render(i)[2]
+        return self._cached(i)[1] if self.cache else self.render(i)[2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,21 +427,22 @@ class ImageFolderDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 # Entry points for the scripts
 
-def build_dataset(data, split, load_size=None, min_pixels=None):
-    """data: None or "shapes", "digits", an ImageNet-style folder or a CIFAR python folder; split: "train" or
-    "test"; load_size: the side S of the returned square images (default: 64 shapes, 32 digits and CIFAR, 256
-    folders). -> a Dataset of (uint8 (3, S, S), int) with .classes, .num_classes, .targets, .load_size.
+def build_dataset(data, split, load_size=None, min_pixels=None, cache=False):
+    """data: None or "shapes", "shapes_plain", "digits", an ImageNet-style folder or a CIFAR python folder; split:
+    "train" or "test"; load_size: the side S of the returned square images (default: 64 shapes, 32 digits and
+    CIFAR, 256 folders); cache: draw the shapes once and keep them in memory (other sources ignore it).
+    -> a Dataset of (uint8 (3, S, S), int) with .classes, .num_classes, .targets, .load_size.
     min_pixels (image folders only; the training crops' augment.min_pixels): yield each whole photo instead,
     uint8 (3, h, w) decoded by load_photo, which build_loader batches as data.Photos."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use 'train' or 'test'")
-    if data in (None, "shapes"):
-        return ShapesDataset(split, load_size or 64)
+    if data in (None, "shapes", "shapes_plain"):
+        return ShapesDataset(split, load_size or 64, clutter=data != "shapes_plain", cache=cache)
     if data == "digits":
         return digits_dataset(split, load_size or 32)
     if not os.path.isdir(data):
-        raise ValueError(f"data={data!r} is not a folder; use 'shapes', 'digits', an ImageNet-style folder "
-                         f"(<class>/<image>.jpg, or train/ and val/) or a CIFAR-10/100 python folder")
+        raise ValueError(f"data={data!r} is not a folder; use 'shapes', 'shapes_plain', 'digits', an ImageNet-style "
+                         f"folder (<class>/<image>.jpg, or train/ and val/) or a CIFAR-10/100 python folder")
     cifar = _find_cifar(data)
     if cifar is not None:
         return cifar_dataset(cifar, split, load_size or 32)

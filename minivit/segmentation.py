@@ -167,10 +167,10 @@ def batches(data, num_images, image_size, patch_size, batch_size, image_set=None
     VOC images one at a time (their sizes vary)."""
     from minivit.data import ShapesDataset
 
-    if data == "shapes":
+    if data in ("shapes", "shapes_plain"):
         if image_size % patch_size:
             raise ValueError(f"--image_size {image_size} is not a multiple of the patch size {patch_size}")
-        dataset = ShapesDataset("test", load_size=image_size)
+        dataset = ShapesDataset("test", load_size=image_size, clutter=data == "shapes")
         n = min(num_images or len(dataset), len(dataset))
         for start in range(0, n, batch_size):
             rendered = [dataset.render(i) for i in range(start, min(start + batch_size, n))]
@@ -178,7 +178,7 @@ def batches(data, num_images, image_size, patch_size, batch_size, image_set=None
                    torch.stack([r[2] for r in rendered]).long())                 # mask True -> object id 1
         return
     if not os.path.isdir(data):
-        raise ValueError(f"--data {data!r}: use 'shapes' or a PASCAL VOC-style folder (JPEGImages/ + "
+        raise ValueError(f"--data {data!r}: use 'shapes', 'shapes_plain' or a PASCAL VOC-style folder (JPEGImages/ + "
                          f"SegmentationObject/ or SegmentationClass/)")
     for image_path, mask_path in voc_pairs(data, image_set)[:num_images]:
         image, labels = load_pair(image_path, mask_path, image_size, patch_size)
@@ -279,8 +279,8 @@ def main(argv=None):
                         "side-by-side table, e.g. dino=runs/dino/teacher_backbone.pth supervised=... random=none")
     parser.add_argument("--patch_size", type=int, default=None, help="override the arch's patch (as the model "
                         "was trained with, e.g. 4 for train_vit.py's offline ViT)")
-    parser.add_argument("--data", default="shapes", help="'shapes' (offline, 1000 test images with known masks) "
-                        "or a PASCAL VOC-style folder")
+    parser.add_argument("--data", default="shapes", help="'shapes' or 'shapes_plain' (offline, 1000 test images "
+                        "with known masks) or a PASCAL VOC-style folder")
     parser.add_argument("--image_set", default=None, help="VOC: use the names in ImageSets/Segmentation/<name>.txt "
                         "(e.g. val); default: every image with a mask")
     parser.add_argument("--image_size", type=int, default=None, help="shorter side in px; default 64 for shapes, "
@@ -296,9 +296,9 @@ def main(argv=None):
     cli.check_args(parser, args, positive=("patch_size", "image_size", "num_images", "batch_size"),
                    non_negative=("num_figures",), fraction=("mass",))
 
-    shapes = args.data == "shapes"
+    shapes = args.data in ("shapes", "shapes_plain")
     if not shapes and not os.path.isdir(args.data):
-        cli.fail(f"--data {args.data}: no such folder; give 'shapes' or a PASCAL VOC-style folder")
+        cli.fail(f"--data {args.data}: no such folder; give 'shapes', 'shapes_plain' or a PASCAL VOC-style folder")
     with cli.errors():
         device = training.pick_device(args.device)
         training.make_output_dir(args.output_dir)
@@ -315,7 +315,7 @@ def main(argv=None):
             device, args.mass, keep=args.num_figures)
     except (ValueError, OSError) as e:
         cli.fail(str(e))
-    setup = {"data": "shapes test" if shapes else args.data, "images": n_images, "objects": n_objects,
+    setup = {"data": f"{args.data} test" if shapes else args.data, "images": n_images, "objects": n_objects,
              "arch": args.arch, "patch_size": patch_size, "image_size": image_size, "mass": args.mass,
              "weights": {label: path for label, path in parse_weights(args.weights)}}
     written = list(write_report(args.output_dir, scores, setup))

@@ -48,6 +48,33 @@ def test_shapes_masks_are_the_object():
         assert (inside.mean(1) - outside.mean(1)).norm() > 60
 
 
+@pytest.mark.parametrize("data", ["shapes", "shapes_plain"])
+def test_the_in_memory_shapes_cache_gives_the_rendered_images(data):
+    cached, drawn = build_dataset(data, "test", cache=True), build_dataset(data, "test")
+    assert cached.source == drawn.source == data and cached.targets == drawn.targets
+    for i in (0, 1, 37, 999):
+        assert torch.equal(cached.mask(i), drawn.mask(i))  # the mask first: it fills the image too
+        assert torch.equal(cached[i][0], drawn[i][0]) and cached[i][1] == drawn[i][1]
+        assert torch.equal(cached[i][0], drawn[i][0])      # the second time from memory
+    assert cached.cache["drawn"].sum() == 4
+    cached.render = None  # from here a drawing would fail: the loader's workers must find the images in memory
+    loader = build_loader(cached, 2, shuffle=False, num_workers=2)
+    batch, labels = next(iter(loader))
+    assert torch.equal(batch, torch.stack([drawn[i][0] for i in range(2)])) and labels.tolist() == drawn.targets[:2]
+    cached = build_dataset(data, "test", cache=True)
+    list(build_loader(cached, 100, shuffle=False, num_workers=2))  # workers draw ...
+    assert cached.cache["drawn"].all()                              # ... into the memory this process sees
+    assert all(torch.equal(cached.cache["images"][i], drawn[i][0]) for i in (3, 500, 998))
+
+
+def test_plain_shapes_are_larger_objects_on_one_colour():
+    ds = ShapesDataset("train", clutter=False)
+    for i in range(10):
+        image, _, mask = ds.render(i)
+        assert 0.1 < mask.float().mean() < 0.65
+        assert image.float()[:, ~mask].std(1).max() < 10  # the background: one colour plus the pixel noise
+
+
 def test_shapes_render_at_any_load_size_with_aligned_masks():
     small, large = ShapesDataset("test", 64), ShapesDataset("test", 128)
     assert large[0][0].shape == (3, 128, 128) and large.mask(0).shape == (128, 128)

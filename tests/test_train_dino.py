@@ -12,14 +12,15 @@ import torch
 
 import train_dino
 from conftest import run_command, script_env
+from minivit.dino_figure import attention_pair, knn_curve, main as dino_main
 from minivit.models import build_model, load_pretrained
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "vit_ti16", "--global_crop_size", "16", "--local_crop_size", "16", "--out_dim", "64",
-        "--local_crops_number", "2", "--batch_size_per_gpu", "4", "--iters_per_epoch", "2", "--epochs", "1",
-        "--warmup_epochs", "0", "--log_every", "1"]
+        "--warmup_teacher_temp_epochs", "0", "--local_crops_number", "2", "--batch_size_per_gpu", "4",
+        "--iters_per_epoch", "2", "--epochs", "1", "--warmup_epochs", "0", "--log_every", "1"]
 OFFICIAL_KEYS = {"student", "teacher", "optimizer", "epoch", "args", "dino_loss", "fp16_scaler"}
 
 
@@ -55,8 +56,20 @@ def test_vit_smoke_run_writes_the_official_layout(vit_run):
     assert not torch.equal(state["teacher"]["backbone.cls_token"], state["student"]["module.backbone.cls_token"])
     record = [json.loads(line) for line in open(out / "log.jsonl")][-1]
     assert {"train_loss", "knn_top1", "teacher_entropy", "kl_to_uniform", "attn_jaccard"} <= set(record)
-    assert (out / "curves.png").stat().st_size > 0 and len(list((out / "attention").glob("*.png"))) == 2
-    assert "random-init vit_ti16" in stdout and "raw pixels" in stdout and "offline default" in stdout
+    assert (out / "curves.png").stat().st_size > 0 and len(list((out / "attention").glob("*.png"))) == 4
+    assert sorted(p.name for p in (out / "attention").glob("*.pt")) == ["ep0000.pt", "ep0001.pt"]  # before, after
+    assert "random-init vit_ti16" in stdout and "raw pixels" in stdout and "the CPU preset" in stdout
+
+
+def test_dino_figure_from_the_run_folder(vit_run, tmp_path):
+    out, _ = vit_run
+    points, baselines = knn_curve(out)
+    assert points[0] == (0.0, baselines["random_init"]) and len(points) == 2 and set(baselines) == {
+        "random_init", "raw_pixels"}
+    images, start, end, epochs = attention_pair(out, images=2)
+    assert images.shape == (2, 3, 64, 64) and start.shape == end.shape == (2, 64, 64) and epochs == [0, 1]
+    dino_main([f"{out}:tiny", str(out), "--out", str(tmp_path / "fig.png")])
+    assert (tmp_path / "fig.png").stat().st_size > 0
 
 
 def test_teacher_backbone_file_loads_strictly(vit_run):
@@ -154,9 +167,30 @@ def test_defaults_follow_the_official_recipe():
                     global_crop_size=224, local_crop_size=96, local_crops_number=8)
     assert {k: getattr(args, k) for k in official} == official
     assert tuple(args.global_crops_scale) == (0.4, 1.0) and tuple(args.local_crops_scale) == (0.05, 0.4)
-    offline = train_dino.parse_args(["--arch", "vit_s8", "--out_dim", "512"])
-    assert offline.out_dim == 512  # a flag given wins over the offline default
-    assert all(getattr(offline, k) == v for k, v in train_dino.OFFLINE.items() if k != "out_dim")
+
+
+@pytest.mark.parametrize("cuda, device, preset", [(False, "auto", "cpu"), (True, "auto", "gpu"), (True, "cpu", "cpu"),
+                                                  (False, "cuda", "gpu"), (True, "cuda:1", "gpu")])
+def test_offline_preset_follows_the_machine_and_flags_win(monkeypatch, cuda, device, preset):
+    """No --data: the GPU preset when the run is on CUDA (auto with CUDA present, or asked for), else the CPU one;
+    every preset value becomes a default, a flag given still wins, and the printed line names both."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    args = train_dino.parse_args(["--arch", "vit_s8", "--device", device, "--out_dim", "300", "--knn_images", "9", "8"])
+    values = train_dino.PRESETS[preset]
+    assert args.preset == preset and args.out_dim == 300 and args.knn_images == [9, 8]
+    assert all(getattr(args, k) == v for k, v in values.items() if k not in ("out_dim", "knn_images"))
+    line = train_dino.preset_line(args)
+    assert f"the {preset.upper()} preset" in line and f"CUDA {'present' if cuda else 'absent'}" in line
+    assert f"global_crop_size={values['global_crop_size']}" in line and f"lr={values['lr']}," in line
+    assert "out_dim" not in line and "knn_images" not in line  # given on the command line: not the preset's
+    assert train_dino.parse_args(["--data", "digits"]).preset is None  # data given: no preset
+
+
+def test_gpu_preset_is_bigger_than_the_cpu_one():
+    cpu, gpu = train_dino.OFFLINE_CPU, train_dino.OFFLINE_GPU
+    assert gpu["global_crop_size"] >= 2 * cpu["global_crop_size"] and gpu["global_crop_size"] % 8 == 0
+    assert gpu["batch_size_per_gpu"] * gpu["epochs"] * gpu["iters_per_epoch"] > \
+        10 * cpu["batch_size_per_gpu"] * cpu["epochs"] * cpu["iters_per_epoch"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -90,6 +90,19 @@ def test_precision_path_on_cpu():
         resolve_precision("fp8", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("amx, expected", [(True, "bf16"), (False, "fp32"), (None, "fp32")])
+def test_auto_precision_on_cpu_is_bf16_only_with_amx(monkeypatch, amx, expected):
+    """auto: bf16 only on a CPU with AMX tiles (measured faster there); AVX2/AVX-512 without AMX emulate bf16 (15x
+    slower on an AVX2 EPYC), and a torch without the probe (None) falls back to fp32. An explicit bf16 is kept."""
+    if amx is None:
+        monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16" and resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", torch.device("mps")) == "fp32"
+
+
 def test_single_process_setup_and_small_helpers(tmp_path, capsys):
     info = setup_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.distributed, info.device_type) == (0, 1, True, False, "cpu")
