@@ -151,8 +151,8 @@ def cases(f):
             (["--momentum_teacher", "1.5"], "--momentum_teacher 1.5: is a probability"),
             (["--out_dim", "0"], "--out_dim 0: must be > 0"),
             (["--data", str(f["photos"])], "has no"),
-            (["--device", "tpu"], "not supported"),
-            (["--resume", "--output_dir", str(f["evil_run"])], "refused"),
+            (["--arch", "vit_s8", "--device", "tpu"], "not supported"),
+            (["--arch", "vit_s8", "--resume", "--output_dir", str(f["evil_run"])], "refused"),
         ],
     }
 
