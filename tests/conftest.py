@@ -5,8 +5,10 @@ On a machine without CUDA the Triton kernels run in Triton's interpreter, which 
 
 Hypothesis profiles: `quick` (default, keeps CI short) and `thorough` (HYPOTHESIS_PROFILE=thorough pytest).
 """
+import contextlib
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -66,3 +68,17 @@ def run_command(cmd, timeout=300, check=True, **kwargs):
         pytest.fail(f"exit {proc.returncode} after {seconds:.1f} s: {line}\n{proc.stdout[-3000:]}\n"
                     f"{proc.stderr[-3000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def nan_filled_empty():
+    """Every torch.empty / empty_like in the block returns NaNs, so an element a kernel never writes shows up (the
+    kernel tests run each kernel inside it)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with mock.patch.object(torch, "empty", lambda *a, **k: poison(empty(*a, **k))), \
+            mock.patch.object(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k))):
+        yield

@@ -1,14 +1,13 @@
 """Bias + exact GELU, alone and as the ViT MLP (fc1 -> bias + GELU -> fc2 with GELU recomputed in the backward),
 against the float64 reference: output and every gradient, on random row counts and widths off the blocks, every
 dtype. Runs in Triton's interpreter on CPU, compiled on a GPU."""
-import contextlib
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from conftest import nan_filled_empty
 from kernels import bias_gelu as module
 from kernels import use_triton
 from kernels.bias_gelu import bias_gelu, bias_gelu_reference, mlp, mlp_reference
@@ -22,19 +21,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # before fc2's products, sums of up to 100 products: 4x the elementwise bound for fp16/bf16, 1e-4 for fp32 (CPU
 # GEMMs in fp32, no TF32). A bug (a wrong column, a missed row) costs O(1).
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 8e-3), torch.bfloat16: (1.6e-2, 6.4e-2)}
-
-
-@contextlib.contextmanager
-def nan_filled_empty():
-    """Every torch.empty / empty_like in the block returns NaNs, so an element the kernels never write shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with mock.patch.object(torch, "empty", lambda *a, **k: poison(empty(*a, **k))), \
-            mock.patch.object(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k))):
-        yield
 
 
 def assert_close(name, ours, exact, tol, dtype):

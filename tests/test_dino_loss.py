@@ -1,14 +1,13 @@
 """The fused DINO loss against the float64 reference: the loss and its gradient w.r.t. the student logits, on random
 crop counts, batches and K off the blocks (and K = 65536 itself), sharp and flat teachers, every dtype; the gradient's
 rows sum to 0 (m_v softmax - w_v, both of mass m_v). Runs in Triton's interpreter on CPU, compiled on a GPU."""
-import contextlib
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from conftest import nan_filled_empty
 from kernels import dino_loss as module
 from kernels import use_triton
 from kernels.dino_loss import dino_loss, dino_loss_reference
@@ -25,19 +24,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # the gradient is stored in that dtype: 2^-11, 2^-8 (interpreter: truncation, 2^-7), 2x margin.
 LOSS_RTOL = 1e-5
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
-
-
-@contextlib.contextmanager
-def nan_filled_empty():
-    """Every torch.empty / empty_like in the block returns NaNs, so an element the kernels never write shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with mock.patch.object(torch, "empty", lambda *a, **k: poison(empty(*a, **k))), \
-            mock.patch.object(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k))):
-        yield
 
 
 def make_inputs(ncrops, B, K, scale, dtype, seed):

@@ -2,14 +2,13 @@
 beta, on random row counts and widths off the power-of-two blocks (D = 1 .. 200, ViT-S's 384), every dtype, with and
 without a branch, with and without a downstream use of s, y cast to another dtype. Runs in Triton's interpreter on
 CPU, compiled on a GPU."""
-import contextlib
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from conftest import nan_filled_empty
 from kernels import use_triton
 from kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 
@@ -24,19 +23,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # dgamma, dbeta: ~3u, plus the final rounding -> 4u for fp16/bf16 (bf16 with the interpreter's truncation:
 # 2 * 4 * 2^-8 ~ 3e-2). fp32: 2e-5 (sums of up to 400 rows of fp32 products). A bug costs O(1).
 TOL = {torch.float32: (1e-5, 2e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3.2e-2)}
-
-
-@contextlib.contextmanager
-def nan_filled_empty():
-    """Every torch.empty / empty_like in the block returns NaNs, so an element the kernels never write shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with mock.patch.object(torch, "empty", lambda *a, **k: poison(empty(*a, **k))), \
-            mock.patch.object(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k))):
-        yield
 
 
 def make_inputs(M, D, dtype, branch, seed):

@@ -1,14 +1,13 @@
 """The fused patch embedding against the float64 reference (conv2d with stride = kernel): tokens and every gradient,
 plain and with CLS + pos_embed fused in, on random shapes (1x1 and non-square grids, K = C*p*p and D no multiple of
 a block), every dtype, channels-last images. Runs in Triton's interpreter on CPU, compiled on a GPU."""
-import contextlib
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from conftest import nan_filled_empty
 from kernels import patch_embed as patch_embed_module
 from kernels import use_triton
 from kernels.patch_embed import (_dw_split, patch_embed, patch_embed_reference, patch_embed_tokens,
@@ -23,19 +22,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (up to 2^-7) -> 2x margin over that. fp32: fp32 sums of up to K = 3*32*32 = 3072 products, ~sqrt(K) * 2^-24 of
 # the largest value, -> 1e-5. An indexing or masking bug gives errors of O(1).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@contextlib.contextmanager
-def nan_filled_empty():
-    """Every torch.empty in the block returns NaNs, so an output element the kernels never write shows up."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with mock.patch.object(torch, "empty", poisoned):
-        yield
 
 
 def make_inputs(B, C, p, hp, wp, D, dtype, bias, channels_last, seed, tokens=False):
