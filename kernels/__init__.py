@@ -52,3 +52,30 @@ def use_triton(x: torch.Tensor) -> bool:
         raise ValueError(f"MINIVIT_KERNELS=triton but the tensor is on {x.device}: "
                          "use a CUDA device, or set TRITON_INTERPRET=1 before importing triton")
     return False
+
+
+INTERPRETER_SMS = 2  # "SMs" in the interpreter: few, so that the tests still exercise several partial sums
+
+
+def num_sms(x: torch.Tensor) -> int:
+    """Streaming multiprocessors of x's GPU (INTERPRETER_SMS on the CPU): what persistent grids are sized by."""
+    return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else INTERPRETER_SMS
+
+
+def split_rows(M: int, block_m: int, programs_per_sm: int, x: torch.Tensor) -> tuple[int, int]:
+    """Split M rows over at most programs_per_sm * num_sms(x) programs, each a whole number of block_m tiles, for
+    kernels that keep one partial sum per program (a backward's dgamma / dbias). -> (programs, rows_per_program)."""
+    tiles = -(-M // block_m)
+    programs = min(tiles, programs_per_sm * num_sms(x))
+    rows_per_program = -(-tiles // programs) * block_m
+    return -(-M // rows_per_program), rows_per_program
+
+
+def autocast_inputs(*tensors):
+    """Under torch.autocast cast floating inputs to its dtype, as nn.Linear / nn.Conv2d would (gradients flow back
+    through the cast); None entries stay None. Outside autocast the tensors are returned as they are."""
+    device = tensors[0].device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t is None else t.to(dtype) for t in tensors)

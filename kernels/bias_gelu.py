@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import interpreter_on, tl, triton, use_triton
+from kernels import autocast_inputs, interpreter_on, split_rows, tl, triton, use_triton
 
 _INV_SQRT2 = tl.constexpr(1 / math.sqrt(2))
 _INV_SQRT2PI = tl.constexpr(1 / math.sqrt(2 * math.pi))
@@ -91,7 +91,6 @@ def _bias_gelu_bwd_kernel(
 ELEMENTS_PER_PROGRAM = (4096, 65536)  # (GPU, interpreter)
 MAX_BLOCK_F = 256
 BWD_PROGRAMS_PER_SM = 4
-INTERPRETER_SMS = 2  # several partial sums in the tests too
 
 
 def _blocks(M, F):
@@ -122,10 +121,7 @@ def _backward(h, bias, da, write_a):
     dz = da2 if write_a else torch.empty_like(h2)  # in bias_gelu_linear da is a temporary of ours: reuse it
     a = torch.empty_like(h2) if write_a else None
     BLOCK_M, BLOCK_F = _blocks(M, Fdim)
-    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else INTERPRETER_SMS
-    programs = min(triton.cdiv(M, BLOCK_M), BWD_PROGRAMS_PER_SM * sms)
-    rows_per_program = triton.cdiv(triton.cdiv(M, BLOCK_M), programs) * BLOCK_M
-    programs = triton.cdiv(M, rows_per_program)
+    programs, rows_per_program = split_rows(M, BLOCK_M, BWD_PROGRAMS_PER_SM, h)
     db = torch.empty(programs, Fdim, device=h.device, dtype=torch.float32)
     _bias_gelu_bwd_kernel[(programs, triton.cdiv(Fdim, BLOCK_F))](
         h2, bias, da2, dz, a if write_a else dz, db, M, Fdim, rows_per_program,
@@ -182,15 +178,6 @@ def mlp_reference(x, w1, b1, w2, b2):
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
 
-def _autocast(*tensors):
-    """Under torch.autocast cast floating inputs to its dtype, as nn.Linear would (gradients flow back through)."""
-    device = tensors[0].device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t if t is None else t.to(dtype) for t in tensors)
-
-
 def _kernel_ok(h, bias):
     if h.dim() < 1 or h.numel() == 0 or bias is None or tuple(bias.shape) != h.shape[-1:]:
         raise ValueError(f"bias_gelu: h must be a non-empty (..., F) tensor and bias (F,), got {tuple(h.shape)} "
@@ -205,7 +192,7 @@ def _kernel_ok(h, bias):
 
 def bias_gelu(h, bias):
     """GELU(h + bias), exact erf form, in one pass. h (..., F), bias (F,), one dtype. Keeps h for the backward."""
-    h, bias = _autocast(h, bias)
+    h, bias = autocast_inputs(h, bias)
     if not _kernel_ok(h, bias):
         return bias_gelu_reference(h, bias)
     return _BiasGelu.apply(h, bias)
@@ -217,7 +204,7 @@ def mlp(x, w1, b1, w2, b2):
     if not use_triton(x):
         return mlp_reference(x, w1, b1, w2, b2)
     h = F.linear(x, w1)  # cuBLAS (autocast casts as for nn.Linear); the bias is added by the kernel
-    h, b1, w2, b2 = _autocast(h, b1, w2, b2)
+    h, b1, w2, b2 = autocast_inputs(h, b1, w2, b2)
     _kernel_ok(h, b1)
     return _BiasGeluLinear.apply(h, b1, w2.to(h.dtype), None if b2 is None else b2.to(h.dtype))
 

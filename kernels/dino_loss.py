@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import interpreter_on, tl, triton, use_triton
+from kernels import interpreter_on, num_sms, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))  # ln(2): base-2 log-sum-exps back to natural log
@@ -123,7 +123,6 @@ def _dino_ce_kernel(
 # The cross-entropy grid: B images x enough slices of K for ~4 programs per SM (B = 128 on 132 SMs: 4 slices).
 BLOCK_K = (1024, 16384)  # (GPU, interpreter)
 PROGRAMS_PER_SM = 4
-INTERPRETER_SMS = 2
 
 
 def _block_k(K):
@@ -145,9 +144,7 @@ def _cross_entropy(student, teacher, center, lse_s, lse_t, ncrops, student_temp,
     B = n // ncrops
     pairs = 2 * ncrops - 2
     BK = _block_k(K)
-    sms = torch.cuda.get_device_properties(student.device).multi_processor_count if student.is_cuda \
-        else INTERPRETER_SMS
-    splits = max(1, min(triton.cdiv(K, BK), triton.cdiv(PROGRAMS_PER_SM * sms, B)))
+    splits = max(1, min(triton.cdiv(K, BK), triton.cdiv(PROGRAMS_PER_SM * num_sms(student), B)))
     cols_per_split = triton.cdiv(triton.cdiv(K, BK), splits) * BK
     splits = triton.cdiv(K, cols_per_split)
     write_grad = grad_out is not None

@@ -33,7 +33,7 @@ moves 8,280 x 6 x 384 + 4,728 x 2 x 384 = 23 MB less per image; bench/NOTES.md s
 import torch
 import torch.nn.functional as F
 
-from kernels import interpreter_on, tl, triton, use_triton
+from kernels import interpreter_on, split_rows, tl, triton, use_triton
 
 
 @triton.jit
@@ -120,7 +120,6 @@ def _add_ln_bwd_kernel(
 # The interpreter pays ~0.1 ms of Python per operation whatever the block: larger blocks, fewer steps.
 ELEMENTS_PER_PROGRAM = (4096, 16384)  # (GPU, interpreter)
 BWD_PROGRAMS_PER_SM = 4  # the backward's dgamma/dbeta partial sums: (4 * SMs, D) fp32, a few MB at most
-INTERPRETER_SMS = 2  # few "SMs" in the interpreter, so that the tests exercise several partial sums
 
 
 def _block_sizes(M, D):
@@ -158,10 +157,7 @@ def _backward(dy, ds, y, weight, bias, rstd, dx_dtype):
     ds2 = ds.reshape(-1, D).contiguous() if ds is not None else dy2
     dx = torch.empty(M, D, device=y.device, dtype=dx_dtype)
     BLOCK_M, BLOCK_D = _block_sizes(M, D)
-    sms = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else INTERPRETER_SMS
-    programs = min(triton.cdiv(M, BLOCK_M), BWD_PROGRAMS_PER_SM * sms)
-    rows_per_program = triton.cdiv(triton.cdiv(M, BLOCK_M), programs) * BLOCK_M
-    programs = triton.cdiv(M, rows_per_program)
+    programs, rows_per_program = split_rows(M, BLOCK_M, BWD_PROGRAMS_PER_SM, y)
     dw = torch.empty(programs, D, device=y.device, dtype=torch.float32)
     db = torch.empty(programs, D, device=y.device, dtype=torch.float32)
     _add_ln_bwd_kernel[(programs,)](

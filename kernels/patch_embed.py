@@ -29,7 +29,7 @@ bytes saved are time saved.
 import torch
 import torch.nn.functional as F
 
-from kernels import interpreter_on, tl, triton, use_triton
+from kernels import autocast_inputs, interpreter_on, tl, triton, use_triton
 
 
 @triton.jit
@@ -278,15 +278,6 @@ class _PatchEmbed(torch.autograd.Function):
         return dx, dw, dbias, dcls, dpos
 
 
-def _autocast(*tensors):
-    """Under torch.autocast cast floating inputs to its dtype, as nn.Conv2d would (gradients flow back through)."""
-    device = tensors[0].device.type
-    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t if t is None else t.to(dtype) for t in tensors)
-
-
 def _check(x, weight, bias, cls_token=None, pos_embed=None):
     """Raise ValueError naming the first bad input."""
     if x.dim() != 4 or x.numel() == 0:
@@ -337,7 +328,7 @@ def patch_embed(x, weight, bias=None):
 
     Equals nn.Conv2d(C, D, p, stride=p) followed by flatten(2).transpose(1, 2); fp32/fp16/bf16 in and out, fp32
     accumulation. H and W must be multiples of p."""
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check(x, weight, bias)
     if not _kernel_ok(x):
         return patch_embed_reference(x, weight, bias)
@@ -351,7 +342,7 @@ def patch_embed_tokens(x, weight, bias, cls_token, pos_embed):
     this grid size; gradients for all of them."""
     if cls_token is None or pos_embed is None:
         raise ValueError("patch_embed_tokens needs cls_token and pos_embed; use patch_embed for patch tokens alone")
-    x, weight, bias, cls_token, pos_embed = _autocast(x, weight, bias, cls_token, pos_embed)
+    x, weight, bias, cls_token, pos_embed = autocast_inputs(x, weight, bias, cls_token, pos_embed)
     _check(x, weight, bias, cls_token, pos_embed)
     if not _kernel_ok(x):
         return patch_embed_tokens_reference(x, weight, bias, cls_token, pos_embed)

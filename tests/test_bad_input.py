@@ -5,15 +5,13 @@ words in the table), print no traceback, and leave no checkpoint behind that a l
 A weight file carrying a pickled payload is refused at every door that reads one, and its payload never runs."""
 import json
 import os
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import script_env
+from conftest import run_command, script_env
 from minivit.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,13 +163,9 @@ def run_cases(command, table, tmp_path):
         outs.append(out)
         takes_output_dir = command not in NO_OUTPUT_DIR and "--output_dir" not in argv
         argvs.append([*argv, "--output_dir", str(out)] if takes_output_dir else argv)
-    cmd = [sys.executable, DRIVER, command, json.dumps(argvs)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=900)
-    took = time.perf_counter() - start
-    assert proc.returncode == 0, f"driver for {command} failed after {took:.0f} s:\n{proc.stderr[-3000:]}"
+    proc = run_command([sys.executable, DRIVER, command, json.dumps(argvs)], timeout=900, cwd=ROOT, env=script_env())
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == len(table), f"{command}: {len(results)} results for {len(table)} cases ({took:.0f} s)"
+    assert len(results) == len(table), f"{command}: {len(results)} results for {len(table)} cases"
     return [(argv, words, r["code"], r["stderr"], out) for (argv, words), r, out in zip(table, results, outs)]
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import script_env
+from conftest import run_command, script_env
 from minivit import training
 from minivit.data import ImageFolderDataset, build_dataset
 from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper
@@ -31,13 +31,8 @@ TINY_VIT = ["train_vit.py", "--image_size", "8", "--load_size", "8", "--batch_si
 
 
 def run(args, timeout=600):
-    """`python args...` from the repository root; on a timeout the failure names the command and its time."""
-    start = time.perf_counter()
-    try:
-        return subprocess.run([sys.executable, *args], cwd=ROOT, env=script_env(), capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"timed out after {time.perf_counter() - start:.0f} s: python {' '.join(args)}")
+    """`python args...` from the repository root (conftest.run_command: a timeout names the command and its time)."""
+    return run_command([sys.executable, *args], timeout=timeout, check=False, cwd=ROOT, env=script_env())
 
 
 # ------------------------------------------------------------------------------------ no code runs from a file
