@@ -17,7 +17,7 @@ want() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if want photos; then
 # 0a. Issue 12, the data pipeline on 512 ImageNet-sized photos (minivit.photo_folder): the official per-image
 #     Pillow yardstick, our decode per core and with 16 workers, MultiCropAugment on the GPU at batch 128, both.
-timeout 150 python3 -m minivit.bench --only data --out "$OUT/data.md" 2>&1 | tee -a "$OUT/log.txt" | tail -14
+timeout 150 python3 bench/bench.py --only data --out "$OUT/data.md" 2>&1 | tee -a "$OUT/log.txt" | tail -14
 # 0b. Same seed, same crops on cuda as on the CPU (and the rest of the crop tests, now on the GPU too).
 timeout 60 python3 -m pytest -q tests/test_augment.py -k "device or mixed or pil or whole" 2>&1 | tail -3 \
     | tee -a "$OUT/log.txt"
@@ -32,7 +32,7 @@ done
 fi
 if want step; then
 # 1. The DINO step (issue 5's table): ours vs plain PyTorch, ViT-S/16 b128 and ViT-S/8 b32, 2x224 + 8x96 crops.
-timeout 170 python3 -m minivit.bench --only dino --out "$OUT/dino.md" 2>&1 | tee -a "$OUT/log.txt"
+timeout 170 python3 bench/bench.py --only dino --out "$OUT/dino.md" 2>&1 | tee -a "$OUT/log.txt"
 fi
 if want kernels; then
 # 2. The same kernel tests as CI, now compiled (8 processes share the compiling; pytest-xdist is on that machine).
@@ -50,7 +50,7 @@ for k in layernorm bias_gelu dino_loss; do
 done
 if [ "${FULL:-0}" = 1 ]; then
 # 5. train_dino.py --compile: both backbones under torch.compile (inductor fuses LayerNorm, GELU, residual adds).
-timeout 200 python3 -m minivit.bench --only dino --builds ours --compile --iters 20 --out "$OUT/dino_compile.md" \
+timeout 200 python3 bench/bench.py --only dino --builds ours --compile --iters 20 --out "$OUT/dino_compile.md" \
     2>&1 | tee -a "$OUT/log.txt" | tail -12
 # 6. The attention tiles, swept (how kernels/attention.py's _tiles were chosen; recorded in bench/NOTES.md sec. 5).
 timeout 170 python3 bench/tune_attention.py 2>&1 | tee "$OUT/tune.md" | tail -14

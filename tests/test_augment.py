@@ -16,7 +16,7 @@ from minivit import augment
 from minivit.augment import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropAugment, SupervisedAugment,
                              color_jitter, crop_resize, gaussian_blur, horizontal_flip, normalize, random_grayscale,
                              random_crop_params, random_resized_crop, sample_crop_boxes, solarize, to_float)
-from minivit.bench import official_crop_box
+from bench.bench import official_crop_box
 from minivit.data import Photos, build_dataset, build_loader
 from minivit.photo_folder import photo
 
@@ -354,7 +354,7 @@ def bordered_photos(n):
 
 def test_crops_see_the_whole_photo_at_the_official_rate():
     """A local crop shows the red border band as often as torchvision's rule over the whole photo says (official
-    rule written in plain Python in minivit.bench), for a wide and a tall photo in one batch."""
+    rule written in plain Python in bench/bench.py), for a wide and a tall photo in one batch."""
     photos = bordered_photos(800)
     crops = random_resized_crop(photos, 8, (0.05, 0.4), generator=gen(), hflip_p=0.5)  # (800, 3, 8, 8)
     red = ((crops[:, 0] - crops[:, 1]) > 0.3).flatten(1).any(1)

@@ -105,7 +105,7 @@ def cases(f):
             (["--num_originals", "0"], "--num_originals 0: must be > 0"),
             (["--image_size", "36"], "is not a multiple of patch_size"),
         ],
-        "minivit.bench": [
+        "bench/bench.py": [
             (["--iters", "0"], "--iters 0: must be > 0"),
             (["--only", "vit,warp"], "--only 'vit,warp': choose from"),
             (["--only", "data", "--data", str(f["dir"] / "nowhere")], "no such folder"),
@@ -170,9 +170,9 @@ def run_cases(command, table, tmp_path):
 
 
 COMMANDS = ["minivit.knn", "minivit.attention_maps", "minivit.linear", "minivit.segmentation", "minivit.copydetect",
-            "minivit.bench", "minivit.hf", "minivit.photo_folder", "minivit.compare", "train_vit.py", "train_resnet.py",
+            "bench/bench.py", "minivit.hf", "minivit.photo_folder", "minivit.compare", "train_vit.py", "train_resnet.py",
             "train_dino.py"]
-NO_OUTPUT_DIR = ("minivit.knn", "minivit.linear", "minivit.bench", "minivit.photo_folder")
+NO_OUTPUT_DIR = ("minivit.knn", "minivit.linear", "bench/bench.py", "minivit.photo_folder")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,4 +1,4 @@
-"""minivit/bench.py: its FLOP counts against torch's own counter, the plain-PyTorch swap against our build, and the
+"""bench/bench.py: its FLOP counts against torch's own counter, the plain-PyTorch swap against our build, and the
 command line end to end (a reduced CPU run). Nothing here asserts a time."""
 import os
 import subprocess
@@ -9,7 +9,8 @@ import torch
 from conftest import script_env
 
 from kernels.attention import attention
-from minivit import bench, vit
+from bench import bench
+from minivit import vit
 from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper
 from minivit.vit import VisionTransformer
 
@@ -113,7 +114,7 @@ def test_bad_section_is_a_clear_error():
 
 def test_quick_bench_prints_the_vit_table(tmp_path):
     out = tmp_path / "bench.md"
-    cmd = [sys.executable, "-m", "minivit.bench", "--quick", "--only", "vit", "--iters", "1", "--device", "cpu",
+    cmd = [sys.executable, "bench/bench.py", "--quick", "--only", "vit", "--iters", "1", "--device", "cpu",
            "--out", str(out)]
     run = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
@@ -122,7 +123,7 @@ def test_quick_bench_prints_the_vit_table(tmp_path):
     for arch in ("vit_s16", "vit_s8"):
         for build in ("ours", "plain"):
             assert f"| {arch} | {build} | " in run.stdout
-    assert "- command: `python -m minivit.bench --quick --only vit" in run.stdout
+    assert "- command: `python bench/bench.py --quick --only vit" in run.stdout
     assert out.read_text().strip() == run.stdout.strip()  # the file holds exactly what was printed
 
 

@@ -1,8 +1,8 @@
 """Model-level benchmarks: what a training step costs, for our build (the Triton kernels) and the plain-PyTorch one.
 
-    python -m minivit.bench                      # every section, full sizes on a GPU
-    python -m minivit.bench --quick              # CPU: reduced sizes, about a minute on 2 cores
-    python -m minivit.bench --only dino --out bench.md
+    python bench/bench.py                      # every section, full sizes on a GPU
+    python bench/bench.py --quick              # CPU: reduced sizes, about a minute on 2 cores
+    python bench/bench.py --only dino --out bench.md
 
 Sections (each prints one markdown table; a failure such as an OOM becomes a "failed: ..." row, the rest still runs):
   vit     supervised ViT-S/16 and ViT-S/8 step (forward + backward + AdamW), ours vs plain PyTorch;
@@ -41,18 +41,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, interpreter_on, use_triton
-from kernels.bias_gelu import mlp_reference
-from kernels.dino_loss import dino_loss_reference
-from kernels.layernorm import add_layer_norm_reference, layer_norm_reference
-from kernels.patch_embed import patch_embed_reference, patch_embed_tokens_reference
-from minivit import cli, dino, vit
-from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment
-from minivit.data import Photos, build_dataset, build_loader, load_photo
-from minivit.photo_folder import make_photo_folder
-from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper, clip_gradients, update_teacher
-from minivit.models import build_model
-from minivit.training import param_groups, pick_device
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from kernels import HAS_TRITON, interpreter_on, use_triton  # noqa: E402
+from kernels.bias_gelu import mlp_reference  # noqa: E402
+from kernels.dino_loss import dino_loss_reference  # noqa: E402
+from kernels.layernorm import add_layer_norm_reference, layer_norm_reference  # noqa: E402
+from kernels.patch_embed import patch_embed_reference, patch_embed_tokens_reference  # noqa: E402
+from minivit import cli, dino, vit  # noqa: E402
+from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment  # noqa: E402
+from minivit.data import Photos, build_dataset, build_loader, load_photo  # noqa: E402
+from minivit.photo_folder import make_photo_folder  # noqa: E402
+from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper, clip_gradients, update_teacher  # noqa: E402
+from minivit.models import build_model  # noqa: E402
+from minivit.training import param_groups, pick_device  # noqa: E402
 
 SECTIONS = ("vit", "resnet", "dino", "data")
 GIB = 2 ** 30
@@ -129,7 +130,7 @@ def plain_pytorch_kernels():
     vit.py looks these functions up in its module namespace at each call, so swapping them there is enough."""
     saved = {name: getattr(vit, name) for name in PLAIN if hasattr(vit, name)}
     if "attention" not in saved or len(saved) < 2:
-        raise RuntimeError("minivit.vit no longer imports attention/patch_embed by name; update minivit.bench.PLAIN")
+        raise RuntimeError("minivit.vit no longer imports attention/patch_embed by name; update bench/bench.py's PLAIN")
     saved_loss = dino.dino_loss  # DINOLoss: the PyTorch softmaxes instead of kernels.dino_loss
     try:
         for name in saved:
@@ -617,7 +618,7 @@ def header(plan, argv):
     triton_version = importlib.metadata.version("triton") if HAS_TRITON else "absent"
     ours = "Triton kernels" if use_triton(torch.empty(0, device=plan.device)) else "PyTorch references of kernels/"
     return ["## minivit benchmarks", "",
-            f"- command: `python -m minivit.bench {' '.join(argv)}`",
+            f"- command: `python bench/bench.py {' '.join(argv)}`",
             f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, commit {commit}",
             f"- hardware: {hardware}",
             f"- software: python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}",
