@@ -26,9 +26,19 @@ log-sum-exp L = m + log(l) per row (N floats), from which the backward recompute
 no (N, N) buffer in either direction. Softmax runs in base 2: log2(e) is folded into the scale, so each
 exponential is one exp2 instruction (exp(x) = exp2(x * log2(e))).
 
-The backward is three kernels, deterministic (no atomics: every output element has exactly one writer):
-delta = rowsum(dO * O); one program per block of keys accumulates dK, dV over all queries; one program per
-block of queries accumulates dQ over all keys. S and P are recomputed in both; that is cheaper than storing them.
+The backward is deterministic (no atomics: every output element has exactly one writer) and has two paths,
+chosen by the sequence length (_backward_path):
+- one tile (N <= 64 padded to a power of two >= 16; in fp32 32 tokens at D <= 64, 16 at D = 80..128): one program per
+  (batch, head) holds all of S, so it computes P once and runs the five GEMMs S = q k^T, dV = P^T dO,
+  dP = dO v^T, dQ = dS k, dK = dS^T q, reading q, k, v, O, dO once and writing dQ, dK, dV once: 8 N D elements
+  of traffic per head and one launch. DINO's 96 px crops at /16 (N = 37) take this path.
+- blocks (longer sequences): one program per block of keys accumulates dK, dV over all queries and computes
+  delta = rowsum(dO * O) for the query rows it visits, which the programs of key block 0 store; then one program
+  per block of queries accumulates dQ over all keys, reading that delta. Both recompute S and P, seven GEMMs in
+  all instead of five, which is cheaper than keeping P; q, k, v, dO are read by both, O by the first.
+Splitting dQ's sum over the key blocks of one program instead (FlashAttention-2 adds it with fp32 atomics) would
+save the dQ kernel's two recomputed GEMMs, for ~2 N D fp32 partial sums per key block in memory: bench/NOTES.md
+section 8 counts why that does not pay at N = 145 and 197 without atomics.
 
 Precision: every sum accumulates in fp32. fp32 inputs get exact fp32 dots (not tf32), on CUDA cores: for speed
 run the model in bf16 autocast. With fp16/bf16 inputs the tensor cores take P and dS rounded to that dtype, and
@@ -117,37 +127,15 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(
-    O,  # (B, H, N, D) forward output, any strides
-    DO,  # (B, H, N, D) gradient of the loss w.r.t. O, any strides
-    DELTA,  # (B, H, N) fp32 output: delta_i = sum_d dO_id * O_id
-    stride_ob, stride_oh, stride_on, stride_od,  # element strides of O
-    stride_dob, stride_doh, stride_don, stride_dod,  # ... of DO
-    H, N, D,  # heads, tokens, head dim
-    BLOCK_M: tl.constexpr,  # rows per program
-    BLOCK_D: tl.constexpr,  # padded head dim
-):
-    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-    O += b * stride_ob + h * stride_oh
-    o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask, other=0.0)
-    DO += b * stride_dob + h * stride_doh
-    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
-
-
-@triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO,  # (B, H, N, D) inputs, any strides
-    LSE, DELTA,  # (B, H, N) fp32, from the forward and from _attn_bwd_delta_kernel
+    Q, K, V, O, DO,  # (B, H, N, D) inputs, any strides
+    LSE,  # (B, H, N) fp32, from the forward
+    DELTA,  # (B, H, N) fp32 output: delta_i = sum_d dO_id O_id, written by the programs of key block 0
     DK, DV,  # (B, H, N, D) outputs, contiguous, dtype of Q
     stride_qb, stride_qh, stride_qn, stride_qd,  # element strides of Q
     stride_kb, stride_kh, stride_kn, stride_kd,  # ... of K
     stride_vb, stride_vh, stride_vn, stride_vd,  # ... of V
+    stride_ob, stride_oh, stride_on, stride_od,  # ... of O
     stride_dob, stride_doh, stride_don, stride_dod,  # ... of DO
     H, N, D,  # heads, tokens, head dim
     qk_scale,  # scale * log2(e), as in the forward
@@ -163,6 +151,7 @@ def _attn_bwd_dkdv_kernel(
     Q += b * stride_qb + h * stride_qh
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
+    O += b * stride_ob + h * stride_oh
     DO += b * stride_dob + h * stride_doh
     LSE += pid_bh.to(tl.int64) * N
     DELTA += pid_bh.to(tl.int64) * N
@@ -181,8 +170,14 @@ def _attn_bwd_dkdv_kernel(
         mask_q = (rows[:, None] < N) & mask_d[None, :]
         q = tl.load(Q + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=mask_q, other=0.0)
         do = tl.load(DO + rows[:, None] * stride_don + offs_d[None, :] * stride_dod, mask=mask_q, other=0.0)
+        o = tl.load(O + rows[:, None] * stride_on + offs_d[None, :] * stride_od, mask=mask_q, other=0.0)
         lse = tl.load(LSE + rows, mask=rows < N, other=0.0)
-        delta = tl.load(DELTA + rows, mask=rows < N, other=0.0)
+        # delta here, not in a launch of its own: this program reads dO anyway, O costs one more (BLOCK_M, D) load
+        # (from L2 after the first key block's programs), and the programs of key block 0 leave it for the dQ
+        # kernel, which the stream runs after this one
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if pid_n == 0:
+            tl.store(DELTA + rows, delta, mask=rows < N)
         # work with transposes, (keys, queries), so that the reductions below run over queries
         sT = _dot(k, tl.trans(q), F32_DOT) * qk_scale
         pT = tl.exp2(sT - lse[None, :] * _LOG2E)  # P^T recomputed from the saved log-sum-exp
@@ -200,7 +195,7 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,  # (B, H, N, D) inputs, any strides
-    LSE, DELTA,  # (B, H, N) fp32
+    LSE, DELTA,  # (B, H, N) fp32, from the forward and from _attn_bwd_dkdv_kernel
     DQ,  # (B, H, N, D) output, contiguous, dtype of Q
     stride_qb, stride_qh, stride_qn, stride_qd,  # element strides of Q
     stride_kb, stride_kh, stride_kn, stride_kd,  # ... of K
@@ -246,6 +241,59 @@ def _attn_bwd_dq_kernel(
 
     out = pid_bh.to(tl.int64) * N * D + offs_m[:, None] * D + offs_d[None, :]
     tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=mask_q)
+
+
+@triton.jit
+def _attn_bwd_tile_kernel(
+    Q, K, V, O, DO,  # (B, H, N, D) inputs, any strides
+    LSE,  # (B, H, N) fp32, from the forward
+    DQ, DK, DV,  # (B, H, N, D) outputs, contiguous, dtype of Q
+    stride_qb, stride_qh, stride_qn, stride_qd,  # element strides of Q
+    stride_kb, stride_kh, stride_kn, stride_kd,  # ... of K
+    stride_vb, stride_vh, stride_vn, stride_vd,  # ... of V
+    stride_ob, stride_oh, stride_on, stride_od,  # ... of O
+    stride_dob, stride_doh, stride_don, stride_dod,  # ... of DO
+    H, N, D,  # heads, tokens (N <= BLOCK), head dim
+    qk_scale,  # scale * log2(e), as in the forward
+    scale,  # dQ = scale * dS k, dK = scale * dS^T q
+    BLOCK: tl.constexpr,  # N padded to a power of two >= 16: the whole sequence, as queries and as keys
+    BLOCK_D: tl.constexpr,  # padded head dim
+    F32_DOT: tl.constexpr,  # see _dot
+):
+    """The whole backward of one (batch, head) when its (N, N) scores fit one tile: S and P once, five GEMMs,
+    every load once, every store once, one launch (no delta kernel, no recompute, no atomics)."""
+    pid_bh = tl.program_id(0)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # fp64 under torch.compile
+    offs = tl.arange(0, BLOCK)  # token index, for rows (queries) and columns (keys) alike
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=mask, other=0.0)
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=mask, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs, mask=offs < N, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK,) the softmax Jacobian's row term
+
+    s = _dot(q, tl.trans(k), F32_DOT) * qk_scale  # 1. S (BLOCK, BLOCK), base 2
+    p = tl.exp2(s - lse[:, None] * _LOG2E)  # P from the saved log-sum-exp: no row max or sum again
+    p = tl.where((offs[:, None] < N) & (offs[None, :] < N), p, 0.0)  # padding rows and keys: P = 0
+    dv = _dot(tl.trans(p.to(do.dtype)), do, F32_DOT)  # 2. dV = P^T dO
+    dp = _dot(do, tl.trans(v), F32_DOT)  # 3. dP = dO v^T
+    ds = (p * (dp - delta[:, None])).to(q.dtype)  # dS, rounded once for both GEMMs that read it, as FA2
+    dq = _dot(ds, k, F32_DOT)  # 4. dQ = dS k (times scale below)
+    dk = _dot(tl.trans(ds), q, F32_DOT)  # 5. dK = dS^T q (times scale below)
+
+    out = pid_bh.to(tl.int64) * N * D + offs[:, None] * D + offs_d[None, :]
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=mask)
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,21 +380,58 @@ def _attn_forward(q, k, v, scale, o=None, lse=None):
     return o, lse
 
 
-def _attn_backward(q, k, v, o, lse, do, scale, dq=None, dk=None, dv=None, delta=None):
-    """Gradients of o = attention(q, k, v) for upstream do (B, H, N, D): dq, dk, dv (B, H, N, D), q's dtype."""
+# The backward's two paths, chosen by the padded sequence length BLOCK. The one-tile kernel keeps (BLOCK, BLOCK)
+# fp32 tiles (S, P, dP, dS) next to five (BLOCK, BLOCK_D) operands and three fp32 accumulators for its whole life.
+# ptxas (Triton 3.9, sm_80 and sm_90, cuobjdump --dump-resource-usage) on that kernel, 16-bit inputs:
+#   64 x 64, 4 warps: 201 registers on sm_90, no spill (sm_80: 255 + 280 B of stack); 64 x 128, 8 warps: 210-216,
+#   none; 128 x 64: spills at 8 warps (384 B sm_90, 8.5 KB sm_80) and at 16 (800 B, 7.5 KB).
+# fp32 operands stay in registers (exact dots on CUDA cores): 32 x 32 and 16 x 128 fit (117-140 registers), 32 x 64
+# spills 88 B, 64 x 64 about 1 KB. Hence at most 64 tokens in 16 bits (any D <= 128), and 32 x 64 elements in fp32.
+# Past that the blocked path, whose tiles do not grow with N, is the one that scales.
+TILE_MAX_TOKENS = 64  # padded N of the one-tile backward, fp16/bf16
+TILE_MAX_ELEMENTS_FP32 = 32 * 64  # padded N times padded D of the one-tile backward in fp32 (and N <= 32)
+TILE_LIMIT = 128  # what the one-tile kernel accepts when a caller forces it (tests, sweeps): beyond, S spills badly
+
+
+def _backward_path(N, D, dtype):
+    """"tile" (one program per (batch, head), _attn_bwd_tile_kernel) when the padded (N, N) scores and (N, D)
+    operands fit one program's registers (the limits above), else "blocks" (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)."""
+    block, block_d = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(D))
+    if dtype == torch.float32:
+        fits = block <= 32 and block * block_d <= TILE_MAX_ELEMENTS_FP32
+    else:
+        fits = block <= TILE_MAX_TOKENS
+    return "tile" if fits else "blocks"
+
+
+def _attn_backward(q, k, v, o, lse, do, scale, dq=None, dk=None, dv=None, delta=None, path=None):
+    """Gradients of o = attention(q, k, v) for upstream do (B, H, N, D): dq, dk, dv (B, H, N, D), q's dtype.
+    path: "tile" or "blocks", default _backward_path's choice (the tests run both on the same shapes). delta, a
+    (B, H, N) fp32 buffer, is the blocked path's scratch (the tile path keeps it in registers)."""
     B, H, N, D = q.shape
     do = do.to(q.dtype)  # a no-op unless something upstream changed the dtype
     dq, dk, dv = (_buffer(t, (B, H, N, D), q.dtype, q) for t in (dq, dk, dv))
-    delta = _buffer(delta, (B, H, N), torch.float32, q)
+    path = _backward_path(N, D, q.dtype) if path is None else path
     BLOCK_D, _, (M1, N1, warps1, stages1), (M2, N2, warps2, stages2) = _tiles(D, q.dtype, N)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    _attn_bwd_delta_kernel[(B * H, triton.cdiv(N, 64))](  # one read of O and dO: any tile does, 64 rows
-        o, do, delta, *o.stride(), *do.stride(), H, N, D, BLOCK_M=64, BLOCK_D=BLOCK_D)
-    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(N, N1))](
-        q, k, v, do, lse, delta, dk, dv, *strides, H, N, D, scale * LOG2E, scale,
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    if path == "tile":
+        BLOCK = max(16, triton.next_power_of_2(N))
+        if BLOCK > TILE_LIMIT:
+            raise ValueError(f"attention: N={N} is too large for the one-tile backward (<= {TILE_LIMIT} tokens): "
+                             "use path='blocks'")
+        _attn_bwd_tile_kernel[(B * H,)](
+            q, k, v, o, do, lse, dq, dk, dv, *strides, *o.stride(), *do.stride(), H, N, D, scale * LOG2E, scale,
+            BLOCK=BLOCK, BLOCK_D=BLOCK_D, F32_DOT=_f32_dot(q), num_warps=8 if BLOCK * BLOCK_D > 64 * 64 else 4,
+            num_stages=1)  # no loop: nothing to pipeline; warps as in the ptxas notes above
+        return dq, dk, dv
+    if path != "blocks":
+        raise ValueError(f"attention: backward path {path!r}: use 'tile' or 'blocks'")
+    delta = _buffer(delta, (B, H, N), torch.float32, q)
+    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(N, N1))](  # also writes delta, which the dQ kernel reads
+        q, k, v, o, do, lse, delta, dk, dv, *strides, *o.stride(), *do.stride(), H, N, D, scale * LOG2E, scale,
         BLOCK_M=M1, BLOCK_N=N1, BLOCK_D=BLOCK_D, F32_DOT=_f32_dot(q), num_warps=warps1, num_stages=stages1)
     _attn_bwd_dq_kernel[(B * H, triton.cdiv(N, M2))](
-        q, k, v, do, lse, delta, dq, *strides, H, N, D, scale * LOG2E, scale,
+        q, k, v, do, lse, delta, dq, *strides, *do.stride(), H, N, D, scale * LOG2E, scale,
         BLOCK_M=M2, BLOCK_N=N2, BLOCK_D=BLOCK_D, F32_DOT=_f32_dot(q), num_warps=warps2, num_stages=stages2)
     return dq, dk, dv
 

@@ -1,6 +1,7 @@
 """The fused attention against the float64 reference: output, log-sum-exp and all three gradients, on random shapes
 (N of 1, primes, ViT token counts, either side of the 32/64/128 blocks; D = 80 padded to 128), every dtype, and
-the strided q, k, v views of one qkv projection. Runs in Triton's interpreter on CPU, compiled on a GPU."""
+the strided q, k, v views of one qkv projection; both backward paths (one tile per head, and blocks) on the same
+short sequences, either side of the switch between them. Runs in Triton's interpreter on CPU, compiled on a GPU."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from kernels import attention as attention_module
-from kernels.attention import _attn_backward, _attn_forward, attention, attention_reference
+from kernels.attention import _attn_backward, _attn_forward, _backward_path, attention, attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -86,7 +87,7 @@ def test_matches_float64_reference(dtype, B, H, N, D, sharp, strided, seed):
     nan = lambda *shape, dtype=dtype: torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)  # noqa: E731
 
     # the kernels, writing into NaN-filled buffers: any element they skip stays NaN; O contiguous, or in the token
-    # layout (B, N, H, D) that the ViT reads, as attention() allocates it
+    # layout (B, N, H, D) that the ViT reads, as attention() allocates it; the backward path _backward_path picks
     o = nan(B, N, H, D).transpose(1, 2) if strided else nan(B, H, N, D)
     o, lse = _attn_forward(q, k, v, scale, o=o, lse=nan(B, H, N, dtype=torch.float32))
     dq, dk, dv = _attn_backward(q, k, v, o, lse, do, scale, dq=nan(B, H, N, D), dk=nan(B, H, N, D),
@@ -105,6 +106,46 @@ def test_matches_float64_reference(dtype, B, H, N, D, sharp, strided, seed):
     # and the reference itself agrees with PyTorch's own attention
     sdpa = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
     assert torch.allclose(o_exact, sdpa, rtol=1e-10, atol=1e-12)
+
+
+# the backward's switch: one tile per (batch, head) up to 64 padded tokens (fp32: 32, or 16 at D = 80..128), and the
+# one-tile kernel accepts up to 128 when forced; these lengths sit either side of each, and of the 16/32 tiles
+short_seq_lens = st.one_of(st.sampled_from([1, 2, 16, 17, 32, 33, 37, 64, 65, 100, 128, 129]), st.integers(1, 140))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(H=st.integers(1, 2), N=short_seq_lens, D=st.sampled_from([16, 32, 64, 80]), sharp=sharpness,
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+@example(H=2, N=37, D=64, sharp=None, strided=True, seed=2)  # DINO's 96 px crops at /16, ViT-S heads
+def test_backward_paths_match_float64_reference(dtype, H, N, D, sharp, strided, seed):
+    """Both backward paths match float64 with the bound above wherever each runs: the blocked one at every N, the
+    one-tile one up to the 128 tokens it accepts when forced in 16 bits (past the switch, so that moving it is
+    safe), in fp32 where the rule sends it (forced further it spills kilobytes, and ptxas takes minutes)."""
+    q, k, v, do = make_qkv(1, H, N, D, dtype, strided, seed)
+    scale = D ** -0.5 * (1.0 if sharp is None else sharp)
+    o, lse = _attn_forward(q, k, v, scale)
+    _, grads_exact = forward_backward(attention_reference, q, k, v, do, scale, torch.float64)
+    _, grads_plain = forward_backward(torch_math, q, k, v, do, scale, dtype)
+    factor, _, floor_grad = TOLERANCE[dtype]
+    tile = _backward_path(N, D, dtype) == "tile" or (dtype != torch.float32 and N <= attention_module.TILE_LIMIT)
+    paths = ["tile", "blocks"] if tile else ["blocks"]
+    for path in paths:
+        nan = lambda: torch.full((1, H, N, D), float("nan"), dtype=dtype, device=DEVICE)  # noqa: E731
+        grads = _attn_backward(q, k, v, o, lse, do, scale, dq=nan(), dk=nan(), dv=nan(), path=path)
+        for name, ours, exact, plain in zip(("dQ", "dK", "dV"), grads, grads_exact, grads_plain):
+            assert_close(f"{path} {name}", ours, exact, plain, factor, floor_grad)
+
+
+def test_backward_path_rule():
+    """The switch sits where kernels/attention.py says: the padded N times the padded D within one tile."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert [_backward_path(N, 64, bf16) for N in (1, 37, 64, 65, 145, 197)] == ["tile"] * 3 + ["blocks"] * 3
+    assert [_backward_path(N, 80, bf16) for N in (64, 65)] == ["tile", "blocks"]  # D = 80 runs as 128
+    assert [_backward_path(N, 64, fp32) for N in (32, 33)] == ["tile", "blocks"]
+    assert [_backward_path(N, 128, fp32) for N in (16, 17)] == ["tile", "blocks"]
+    q = torch.zeros(1, 1, 129, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="too large for the one-tile backward"):
+        _attn_backward(q, q, q, q, q[..., 0], q, 0.125, path="tile")
 
 
 def test_autograd_path():
@@ -168,5 +209,7 @@ def test_bad_input(make, message):
 def test_tile_choice_traces_under_torch_compile():
     """train_dino.py --compile traces the launcher with dynamo: the tile choice must trace as one graph."""
     traced = torch.compile(lambda *a: attention_module._tiles(*a), fullgraph=True, backend="eager")
+    path = torch.compile(lambda *a: attention_module._backward_path(*a), fullgraph=True, backend="eager")
     for N in (37, 197):
         assert traced(64, torch.bfloat16, N) == attention_module._tiles(64, torch.bfloat16, N)
+        assert path(N, 64, torch.bfloat16) == _backward_path(N, 64, torch.bfloat16)
