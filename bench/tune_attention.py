@@ -4,7 +4,8 @@
 
 How `_tiles` in kernels/attention.py was chosen. Each kernel is swept on its own: the forward; then the dK/dV
 kernel with the dQ kernel at its current tiles; then the dQ kernel with the dK/dV kernel at its current tiles (the
-backward is timed whole, so differences between rows are the swept kernel's). q, k, v are views of one qkv tensor,
+blocked backward is timed whole, forced also where N is short enough for the one-tile path, whose only knob is its
+warps; so differences between rows are the swept kernel's). q, k, v are views of one qkv tensor,
 as in the ViT; times are triton.testing.do_bench medians.
 """
 import itertools
@@ -49,7 +50,7 @@ def main():
                 if kernel == "fwd":
                     fn = lambda: attn._attn_forward(q, k, v, scale)  # noqa: E731
                 else:
-                    fn = lambda: attn._attn_backward(q, k, v, o, lse, do, scale)  # noqa: E731
+                    fn = lambda: attn._attn_backward(q, k, v, o, lse, do, scale, path="blocks")  # noqa: E731
                 try:
                     times[cfg] = do_bench(fn, warmup=10, rep=40, return_mode="median")
                 except Exception as error:  # noqa: BLE001 -- out of shared memory, say: not a candidate

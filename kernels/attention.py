@@ -36,9 +36,9 @@ chosen by the sequence length (_backward_path):
   delta = rowsum(dO * O) for the query rows it visits, which the programs of key block 0 store; then one program
   per block of queries accumulates dQ over all keys, reading that delta. Both recompute S and P, seven GEMMs in
   all instead of five, which is cheaper than keeping P; q, k, v, dO are read by both, O by the first.
-Splitting dQ's sum over the key blocks of one program instead (FlashAttention-2 adds it with fp32 atomics) would
-save the dQ kernel's two recomputed GEMMs, for ~2 N D fp32 partial sums per key block in memory: bench/NOTES.md
-section 8 counts why that does not pay at N = 145 and 197 without atomics.
+Not built yet: for 64 < N <= ~256, one program per head looping over its key blocks, summing dQ in an fp32
+scratch only it touches (deterministic; FlashAttention-2 adds dQ with fp32 atomics instead), would drop the dQ
+kernel's re-reads and its two recomputed GEMMs; bench/NOTES.md section 8 counts what it would save and cost.
 
 Precision: every sum accumulates in fp32. fp32 inputs get exact fp32 dots (not tf32), on CUDA cores: for speed
 run the model in bf16 autocast. With fp16/bf16 inputs the tensor cores take P and dS rounded to that dtype, and

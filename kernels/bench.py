@@ -4,7 +4,8 @@
     python -m kernels.bench --quick            # tiny sizes: a smoke test, well under a minute on a CPU
     python -m kernels.bench --out bench.md     # also write the table as markdown
 
-Attention, (B, heads, N, head_dim) of ViT-S (6 heads of 64): ours (kernels.attention), every
+Attention, (B, heads, N, head_dim) of ViT-S (6 heads of 64): ours (kernels.attention, the row names the backward
+path it picked; where that is the one-tile path a second row forces the blocked one, to show the gain), every
 F.scaled_dot_product_attention backend (flash, efficient, cuDNN, math; an unavailable one is listed with the
 reason) and the naive matmul-softmax-matmul. Non-causal FLOPs: forward 4*B*H*N*N*D (two matmuls of 2*N*N*D);
 forward+backward 3.5x that, since the backward counts 2.5x the forward (four matmuls, plus recomputing Q K^T, the
@@ -31,12 +32,14 @@ import platform
 import statistics
 import time
 import warnings
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from kernels import HAS_TRITON, interpreter_on, triton, use_triton
-from kernels.attention import attention
+from kernels import attention as attention_module
+from kernels.attention import _backward_path, attention
 from kernels.bias_gelu import bias_gelu, bias_gelu_reference, mlp, mlp_reference
 from kernels.dino_loss import dino_loss, dino_loss_reference
 from kernels.layernorm import add_layer_norm, add_layer_norm_reference
@@ -116,7 +119,8 @@ def bench_attention(device, dtype, shrink):
     for B, H, N, D in ATTENTION_SHAPES:
         B = max(1, B // shrink)
         q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        impls = [(ours_label(q), attention)]
+        path = _backward_path(N, D, dtype)
+        impls = [(ours_label(q) + (f", {path} backward" if use_triton(q) else ""), attention)]
         impls += [(f"sdpa {name}", sdpa(getattr(SDPBackend, backend)))
                   for name, backend in [("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"),
                                         ("cuDNN", "CUDNN_ATTENTION"), ("math", "MATH")]
@@ -125,6 +129,11 @@ def bench_attention(device, dtype, shrink):
         flops = 4 * B * H * N * N * D
         case = f"attention B*H={B}*{H} N={N} D={D}"
         rows += [measure(name, case, fn, (q, k, v), flops, 3.5 * flops, device) for name, fn in impls]
+        if use_triton(q) and path != "blocks":  # the same kernels with the longer sequences' backward: the gain
+            with mock.patch.object(attention_module, "_backward_path", lambda *args: "blocks"):
+                rows.insert(len(rows) - len(impls) + 1,
+                            measure(ours_label(q) + ", blocks backward", case, attention, (q, k, v), flops,
+                                    3.5 * flops, device))
     return rows
 
 
