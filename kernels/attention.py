@@ -394,8 +394,9 @@ TILE_LIMIT = 128  # what the one-tile kernel accepts when a caller forces it (te
 
 
 def _backward_path(N, D, dtype):
-    """"tile" (one program per (batch, head), _attn_bwd_tile_kernel) when the padded (N, N) scores and (N, D)
-    operands fit one program's registers (the limits above), else "blocks" (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)."""
+    """Which backward runs: "tile" (_attn_bwd_tile_kernel, one program per (batch, head)) when the padded (N, N)
+    scores and (N, D) operands fit one program's registers (the limits above), else "blocks" (_attn_bwd_dkdv_kernel
+    then _attn_bwd_dq_kernel)."""
     block, block_d = max(16, triton.next_power_of_2(N)), max(16, triton.next_power_of_2(D))
     if dtype == torch.float32:
         fits = block <= 32 and block * block_d <= TILE_MAX_ELEMENTS_FP32
