@@ -259,6 +259,7 @@ def main(argv=None):
                                  f"{patch}; e.g. --{name} {max(patch, getattr(args, name) // patch * patch)}")
         if family == "vit" and args.drop_path_rate >= 1:
             raise ValueError(f"--drop_path_rate {args.drop_path_rate} would drop every block: use a value below 1")
+        training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
         info = training.setup_distributed(args.device)
         augment = MultiCropAugment(args.global_crop_size, args.local_crop_size, args.local_crops_number,
                                    tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.color_jitter,

@@ -113,6 +113,7 @@ check_flags(parser, args, probability=("momentum",))  # nonsense numbers stop he
 with cli.errors():  # bad flags, folders and files end here with a one-line error
     if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
         raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
+    training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
     info = training.setup_distributed(args.device)
     precision = training.resolve_precision(args.precision, info.device)
     out = training.make_output_dir(args.output_dir)

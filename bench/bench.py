@@ -53,7 +53,7 @@ from minivit.data import Photos, build_dataset, build_loader, load_photo  # noqa
 from minivit.photo_folder import make_photo_folder  # noqa: E402
 from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper, clip_gradients, update_teacher  # noqa: E402
 from minivit.models import build_model  # noqa: E402
-from minivit.training import param_groups, pick_device  # noqa: E402
+from minivit.training import keep_freed_memory, param_groups, pick_device  # noqa: E402
 
 SECTIONS = ("vit", "resnet", "dino", "data")
 GIB = 2 ** 30
@@ -222,6 +222,7 @@ class Plan:
     builds: tuple = ("ours", "plain")  # which builds to time (see the module docstring)
     data: str | None = None  # the data section's photo folder
     compile: bool = False  # DINO: torch.compile the student's and teacher's backbones (inductor fuses LN, GELU, adds)
+    kept_memory: bool = False  # training.keep_freed_memory() applied, as in the training scripts
 
     @property
     def label(self):
@@ -469,7 +470,7 @@ def _official_view(photo, size, scale, blur_p, solarize_p, rng):
     GaussianBlur (radius U(0.1, 2)) -> solarize -> ToTensor + Normalize. -> float (3, size, size)."""
     from PIL import Image, ImageFilter, ImageOps
     left, top, w, h = official_crop_box(*photo.size, scale, rng)
-    view = photo.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    view = photo.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)  # resized_crop
     if rng.random() < 0.5:
         view = view.transpose(Image.FLIP_LEFT_RIGHT)
     if rng.random() < 0.8:
@@ -623,6 +624,8 @@ def header(plan, argv):
             f"- hardware: {hardware}",
             f"- software: python {platform.python_version()}, torch {torch.__version__}, triton {triton_version}",
             f"- ours = {ours}; plain = F.scaled_dot_product_attention + conv2d patch embedding (same weights)",
+            "- host memory: " + ("freed blocks kept in the process (training.keep_freed_memory), as in the training "
+                                 "scripts" if plan.kept_memory else "the allocator as it is"),
             f"- median of {plan.iters} steps after {plan.warmup} warm-up steps, fresh random inputs every step; "
             "TFLOP/s = model FLOPs (backward = 2x forward) x img/s", ""]
 
@@ -673,6 +676,7 @@ def main(argv=None):
     plan.iters = args.iters or plan.iters
     plan.archs, plan.builds, plan.compile, plan.data = archs, builds, args.compile, args.data
     plan.photos = args.photos or plan.photos
+    plan.kept_memory = keep_freed_memory()  # as the training scripts run
     benches = {"vit": bench_vit, "resnet": bench_resnet, "dino": bench_dino, "data": bench_data}
     out = open(args.out, "w") if args.out else None
 

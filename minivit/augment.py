@@ -4,20 +4,24 @@ Every function takes a batch and a CPU `torch.Generator`: it draws each image's 
 seed makes the same random choices on any device), moves them to the images' device and transforms the whole batch
 in a few tensor ops, with no Python loop over images. The crops take a uint8 tensor (B, 3, H, W) or a data.Photos
 batch of whole photos of different sizes (a padded canvas + each photo's size): boxes are drawn in each photo's own
-pixels (torchvision's RandomResizedCrop rule over the whole photo) and resampled with PIL's bicubic coefficients,
-antialiased when shrinking, as two batched matmuls (crop_resize). The photometric ops then take the float crops
-(B, 3, S, S) in [0, 1]. This is how DINO's multi-crop (2 global + 8 local views of every image) runs on the GPU
-from the decoded photos; the official code makes each view with PIL on the CPU, one image at a time.
+pixels (torchvision's RandomResizedCrop rule over the whole photo) and resampled as torchvision's resized_crop does
+with PIL (crop the box, then resize it with PIL's bicubic filter, antialiased when shrinking): on a GPU as two
+batched gathers for the whole batch, on a CPU with torch's own uint8 resampler per box (crop_resize). The
+photometric ops then take the float crops (B, 3, S, S) in [0, 1]. This is how DINO's multi-crop (2 global + 8 local
+views of every image) runs from the decoded photos; the official code makes each view with PIL on the CPU, one
+image at a time (`python bench/bench.py --only data` measures both).
 
 The recipes are those of torchvision/PIL that DINO uses, with these deliberate differences:
-  - a crop is computed in float from PIL's own coefficients (tests/test_augment.py: to 1 level of PIL once PIL's
-    uint8 rounding between its two passes is replayed); PIL clips that intermediate to 0..255, we do not, so
-    where the bicubic overshoots (grain, sharp edges) a pixel may differ by up to ~3%, < 0.5 levels on average;
+  - PIL rounds to uint8 after every operation; we round once, when the crops are cut on the CPU (to 1 level of
+    PIL's there), and not at all on the GPU, whose batched crops are computed in float from PIL's own coefficients
+    (to 1 level of PIL once PIL's uint8 rounding between its two passes is replayed; PIL also clips that
+    intermediate to 0..255, so where the bicubic overshoots, at grain and sharp edges, a GPU crop may differ by up
+    to ~3%, < 0.5 levels on average: tests/test_augment.py);
   - photos larger than a recipe needs are decoded smaller, through the JPEG DCT (data.load_photo), never below
     the size at which its smallest crop would be enlarged (min_pixels); the official code decodes every photo
     whole, so it resamples once where we may, in effect, resample twice;
   - Gaussian blur is an exact separable Gaussian (radius 3 sigma, reflect padding) where PIL approximates it with
-    box blurs; PIL's uint8 rounding between operations is not reproduced.
+    box blurs; torchvision's float hue shift (exact HSV) where the official PIL path shifts a uint8 hue channel.
 """
 import math
 
@@ -59,14 +63,25 @@ def _per_image(values, x):
 
 def _apply(images, chosen, fn, *params, inplace=False):
     """images with fn applied to the chosen images only: fn(x_subset, *params_subset) -> same shape. inplace: write
-    the results into images itself (for a caller that owns it) rather than into a copy."""
+    the results into images itself (for a caller that owns it) rather than into a copy. The subset is gathered
+    and written back with one kernel each on a GPU; on a CPU image by image (one memcpy each: index_select and
+    index_copy_ copy whole-image rows several times slower there)."""
     index = chosen.nonzero().flatten()
     if len(index) == 0:
         return images
     if len(index) == len(images):  # all of them: no gather / scatter
-        return fn(images, *(_per_image(p, images) for p in params))
+        result = fn(images, *(_per_image(p, images) for p in params))
+        return images.copy_(result) if inplace and result is not images else result
+    subset_params = [_per_image(p[index], images) for p in params]
+    if images.device.type == "cpu":
+        rows = index.tolist()
+        subset = fn(torch.stack([images[i] for i in rows]), *subset_params)
+        out = images if inplace else images.clone()
+        for i, result in zip(rows, subset):
+            out[i].copy_(result)
+        return out
     index_dev = _to_device(index, images.device)
-    subset = fn(images.index_select(0, index_dev), *(_per_image(p[index], images) for p in params))
+    subset = fn(images.index_select(0, index_dev), *subset_params)
     return images.index_copy_(0, index_dev, subset) if inplace else images.index_copy(0, index_dev, subset)
 
 
@@ -77,9 +92,12 @@ def to_float(images, dtype=torch.float32):
     return images.to(dtype) / 255
 
 
-def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """(B, 3, H, W) in [0, 1] -> (x - mean) / std per channel (ImageNet statistics, as all the official models)."""
+def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD, inplace=False):
+    """(B, 3, H, W) in [0, 1] -> (x - mean) / std per channel (ImageNet statistics, as all the official models).
+    inplace: overwrite images (a caller that owns them; the multi-crop views are made so)."""
     mean, std = _constant(mean, images).view(1, -1, 1, 1), _constant(std, images).view(1, -1, 1, 1)
+    if inplace:  # one pass: x * (1 / std) - mean / std
+        return torch.addcmul(-mean / std, images, 1 / std, out=images)
     return (images - mean) / std
 
 
@@ -139,26 +157,28 @@ def _bicubic(x, a=-0.5):  # Keys' cubic with a = -0.5 (PIL's; grid_sample and Op
 PIL_FILTERS = {"bicubic": (2.0, _bicubic), "bilinear": (1.0, lambda x: (1 - x.abs()).clamp(min=0))}
 
 
-def resample_taps(start, length, in_size, out_size, taps, interpolation="bicubic"):
+def resample_taps(start, length, out_size, taps, interpolation="bicubic"):
     """PIL's resampling coefficients (Resample.c, precompute_coeffs) for n boxes along one axis, on start's device
     and in its float dtype: -> source pixel index int64 (n, out_size, taps), weight (n, out_size, taps).
 
     Box i covers source pixels [start_i, start_i + length_i); output pixel x samples at its centre
     start + (x + 0.5) length / out_size. Shrinking by s = length / out_size > 1 widens the filter s times (PIL's
     antialiasing: the kernel then averages ~s source pixels per tap instead of skipping them). Taps stop at the
-    photo's own edge (0, in_size_i), never reaching the padding, and each output's weights sum to 1, as PIL's.
-    start, length, in_size: float (n,); taps: an int >= every box's tap count (_taps); unused taps weigh 0."""
+    box's own edges, as when PIL resizes the cropped image (torchvision's resized_crop: crop, then resize), and
+    each output's weights sum to 1. start, length: float (n,), whole pixels; taps: an int >= every box's tap count
+    (_taps); unused taps weigh 0 (and point at the box's last pixel)."""
     support, kernel = PIL_FILTERS[interpolation]
     scale = length / out_size                                                    # (n,) source px per output px
     filterscale = scale.clamp(min=1.0)[:, None, None]
     x = torch.arange(out_size, device=start.device, dtype=start.dtype)
-    centre = (start[:, None] + (x + 0.5) * scale[:, None])[..., None]           # (n, out, 1)
+    centre = ((x + 0.5) * scale[:, None])[..., None]                            # (n, out, 1), in the box
     radius = support * filterscale
     first = (centre - radius + 0.5).trunc().clamp(min=0)                        # PIL's int() truncates
-    last = torch.minimum((centre + radius + 0.5).trunc(), in_size[:, None, None])
+    last = torch.minimum((centre + radius + 0.5).trunc(), length[:, None, None])
     j = first + torch.arange(taps, device=start.device, dtype=start.dtype)      # (n, out, taps)
     w = torch.where(j < last, kernel((j - centre + 0.5) / filterscale), 0)
-    return torch.minimum(j, in_size[:, None, None] - 1).long(), w / w.sum(-1, keepdim=True)
+    j = torch.minimum(j, length[:, None, None] - 1) + start[:, None, None]
+    return j.long(), w / w.sum(-1, keepdim=True)
 
 
 def _taps(scale, interpolation):
@@ -166,59 +186,96 @@ def _taps(scale, interpolation):
     return math.ceil(2 * PIL_FILTERS[interpolation][0] * max(1.0, float(scale.max()))) + 2
 
 
-def canvas_rows(images, dtype=torch.float32):
-    """A batch (B, C, H, W), uint8 or float, as the table of its rows that crop_resize samples from: float
-    (B H, C W), row y of image b at b H + y (one strided copy; uint8 stays 0..255, crop_resize scales it)."""
+CANVAS_TILE = 64  # columns per row of the batched crops' table: a crop reads only the tiles under its box
+
+
+def canvas_table(images, dtype=torch.float32, tile=CANVAS_TILE):
+    """A batch (B, C, H, W), uint8 or float, as the table that the batched crops sample from: float (B H T, C tile)
+    with T = ceil(W / tile); row (b H + y) T + t holds columns [t tile, (t + 1) tile) of row y of image b (the last
+    tile zero-padded). One strided copy; uint8 stays 0..255 (the crops fold the 1/255 into their weights)."""
     B, C, H, W = images.shape
+    T = -(-W // tile)
     dtype = torch.promote_types(images.dtype if images.dtype.is_floating_point else dtype, torch.float32)
-    return torch.empty(B, H, C, W, dtype=dtype, device=images.device).copy_(images.permute(0, 2, 1, 3)).view(
-        B * H, C * W)
+    padded = images if W == T * tile else F.pad(images, (0, T * tile - W))
+    table = torch.empty(B, H, T, C, tile, dtype=dtype, device=images.device)
+    return table.copy_(padded.view(B, C, H, T, tile).permute(0, 2, 3, 1, 4)).view(B * H * T, C * tile)
 
 
-def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, sizes=None, source=None,
-                dtype=torch.float32, rows=None):
-    """Cut boxes out of a batch and resample each to size x size (an int or (h, w)) as PIL's resize(size, box=...)
-    does, antialiased when shrinking, mirrored where flip is True; the whole batch in a fixed handful of kernels.
+def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, source=None, dtype=torch.float32,
+                table=None):
+    """Cut boxes out of a batch and resample each to size x size (an int or (h, w)) as torchvision's resized_crop
+    does with PIL (crop, then resize: antialiased when shrinking), mirrored where flip is True.
 
     images: uint8 (B, 3, H, W) (-> values in [0, 1]) or float (same values); boxes: int64 (n, 4: top, left, h, w)
-    on the CPU, in the pixels of photo source[i] (default: i), whose true size is sizes[source[i]] (default: all
-    of H x W; a data.Photos canvas passes its sizes); flip: bool (n,) or None; rows: canvas_rows(images), to share
-    it between calls. -> float (n, 3, h, w), in images' float dtype (at least float32: pixel positions need it),
-    or `dtype` for uint8 images.
+    on the CPU, each inside photo source[i] (default: i) of the batch (a data.Photos canvas: inside its true size);
+    flip: bool (n,) or None; table: canvas_table(images), to share it between calls of the batched path.
+    -> float (n, 3, h, w), in images' float dtype (at least float32), or `dtype` for uint8 images.
 
-    Separable, as PIL: each output row is first a weighted sum of the few source rows under its filter
-    (resample_taps), one F.embedding_bag over the canvas rows for all crops (weighted sums of table rows, without
-    materialising the gathered rows: work ~ outputs x taps); then each output column a weighted sum of the
-    columns of that, as one batched matmul with the taps scattered into a dense (w, W) matrix per crop (no
-    transpose of the intermediate). No device sync: every size is known on the CPU."""
+    Two ways, one result (tests/test_augment.py: both equal PIL's to 1 level of uint8):
+      - uint8 images on the CPU: torch's own antialiased resampler (F.interpolate(antialias=True), PIL's
+        filters in PIL's fixed point, vectorised for uint8 channels-last images) once per box, on a view of the
+        box: the fastest a CPU does it, ~4x PIL itself; the loop costs ~20 us per box, against ~0.2-1 ms of work.
+      - anything else (a GPU): the whole batch in a fixed handful of kernels (_crop_resize_batched)."""
     n = len(boxes)
     B, C, H, W = images.shape
     out_h, out_w = (size, size) if isinstance(size, int) else size
     dtype = torch.promote_types(images.dtype if images.dtype.is_floating_point else dtype, torch.float32)
     if n == 0:
         return images.new_empty(0, C, out_h, out_w, dtype=dtype)
-    device = images.device
-    sizes = torch.tensor([H, W]).expand(B, 2) if sizes is None else sizes
     source = torch.arange(n) if source is None else source
+    if images.device.type == "cpu" and images.dtype == torch.uint8:
+        images = images.contiguous(memory_format=torch.channels_last)  # the loader's canvas already is
+        crops = torch.empty(n, out_h, out_w, C, dtype=torch.uint8).permute(0, 3, 1, 2)
+        for crop, i, (top, left, h, w) in zip(crops, source.tolist(), boxes.tolist()):
+            box = images[i:i + 1, :, top:top + h, left:left + w]
+            crop.copy_(F.interpolate(box, (out_h, out_w), mode=interpolation, antialias=True)[0])
+        if flip is not None and flip.any():
+            crops[flip] = crops[flip].flip(-1)
+        return torch.div(crops, 255, out=torch.empty(n, C, out_h, out_w, dtype=dtype))  # one pass: -> [0, 1]
+    return _crop_resize_batched(images, boxes, out_h, out_w, interpolation, flip, source, dtype, table)
+
+
+def _crop_resize_batched(images, boxes, out_h, out_w, interpolation, flip, source, dtype, table):
+    """crop_resize for a whole batch in a fixed handful of kernels, whatever the batch (the GPU's way).
+
+    Separable, as PIL, and each pass a weighted sum of table rows (F.embedding_bag: the gathered rows are never
+    materialised, work ~ outputs x taps). Vertical: output row r of crop i, for each of the few column tiles under
+    the box, sums the source rows under its filter (resample_taps) -> (n, out_h, tiles, C, tile). That is
+    transposed so that each source column of the box is one row, and the horizontal pass sums, for each output
+    column, the columns under its filter. The canvas outside a box is never read, and no dense (out_w, W) matrix
+    is multiplied. No device sync: every size is known on the CPU."""
+    n, (B, C, H, W), device = len(boxes), images.shape, images.device
+    table = canvas_table(images, dtype) if table is None else table
+    tile = table.shape[1] // C
+    T = table.shape[0] // (B * H)                                                 # tiles per canvas row
     top, left, h, w = boxes.to(torch.float64).unbind(1)
     taps_y, taps_x = _taps(h / out_h, interpolation), _taps(w / out_w, interpolation)
-    photo_h, photo_w = sizes[source].to(torch.float64).unbind(1)
-    params = torch.stack([top, h, photo_h, left, w, photo_w, source], 1)  # one copy to the device
-    top, h, photo_h, left, w, photo_w, source = _to_device(params, device).to(dtype).unbind(1)
-    iy, wy = resample_taps(top, h, photo_h, out_h, taps_y, interpolation)          # (n, out_h, taps_y)
-    ix, wx = resample_taps(left, w, photo_w, out_w, taps_x, interpolation)         # (n, out_w, taps_x)
+    first_tile = boxes[:, 1] // tile
+    tiles = int(((boxes[:, 1] + boxes[:, 3] - 1) // tile - first_tile).max()) + 1   # the most any box spans
+    params = torch.stack([top, h, left, w, source, first_tile], 1)                  # one copy to the device
+    top, h, left, w, source, first_tile = _to_device(params, device).to(dtype).unbind(1)
+    source, first_tile = source.long(), first_tile.long()
+    iy, wy = resample_taps(top, h, out_h, taps_y, interpolation)                   # (n, out_h, taps_y)
+    ix, wx = resample_taps(left, w, out_w, taps_x, interpolation)                  # (n, out_w, taps_x)
     if flip is not None:  # mirrored: output column x takes the taps of column out_w - 1 - x
         flip = _to_device(flip, device)[:, None, None]
         ix, wx = torch.where(flip, ix.flip(1), ix), torch.where(flip, wx.flip(1), wx)
     if not images.dtype.is_floating_point:
         wy = wy / 255  # uint8 -> [0, 1], folded into the weights
-    rows = canvas_rows(images, dtype) if rows is None else rows                   # (B H, C W)
-    index = source.long()[:, None, None] * H + iy                                 # (n, out_h, taps_y) table rows
-    x = F.embedding_bag(index.view(-1, taps_y), rows, per_sample_weights=wy.view(-1, taps_y), mode="sum")
-    Wx = torch.zeros(n, out_w, W, dtype=dtype, device=device).scatter_add_(2, ix, wx)  # (n, out_w, W)
-    x = x.view(n, out_h * C, W) @ Wx.transpose(1, 2)                               # (n, out_h C, out_w)
-    # -> (n, C, out_h, out_w); bicubic overshoots at edges and PIL clips too
-    return x.view(n, out_h, C, out_w).transpose(1, 2).clamp(0, 1).contiguous()
+    # vertical pass: table row (source H + y) T + t for the `tiles` tiles from first_tile on (clamped at the
+    # canvas edge: a tile past it belongs to no box and gets weight 0 in the horizontal pass)
+    tile_index = (first_tile[:, None] + torch.arange(tiles, device=device)).clamp(max=T - 1)  # (n, tiles)
+    index = (source[:, None, None] * H + iy)[:, :, None, :] * T + tile_index[:, None, :, None]
+    weight = wy[:, :, None, :].expand(n, out_h, tiles, taps_y)
+    x = F.embedding_bag(index.reshape(-1, taps_y), table, per_sample_weights=weight.reshape(-1, taps_y), mode="sum")
+    # (n, out_h, tiles, C, tile) -> one row per source column of the window: (n tiles tile, out_h C)
+    x = x.view(n, out_h, tiles, C, tile).permute(0, 2, 4, 1, 3).reshape(n * tiles * tile, out_h * C)
+    # horizontal pass: photo column ix is row ix - first_tile tile of crop i's window
+    window = tiles * tile
+    index = torch.arange(n, device=device)[:, None, None] * window + ix - first_tile[:, None, None] * tile
+    x = F.embedding_bag(index.view(-1, taps_x), x, per_sample_weights=wx.reshape(-1, taps_x), mode="sum")
+    # (n, out_w, out_h, C) -> (n, C, out_h, out_w); bicubic overshoots at edges and PIL clips too
+    return x.view(n, out_w, out_h, C).permute(0, 3, 2, 1).clamp(0, 1).contiguous()
 
 
 def random_resized_crop(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None,
@@ -229,7 +286,7 @@ def random_resized_crop(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), g
     the horizontal weights)."""
     pixels, sizes = photo_batch(images)
     boxes, flip = random_crop_params(sizes, scale, ratio, hflip_p, generator)
-    return crop_resize(pixels, boxes, size, interpolation, flip, sizes)
+    return crop_resize(pixels, boxes, size, interpolation, flip)
 
 
 def horizontal_flip(images, p=0.5, generator=None):
@@ -238,65 +295,99 @@ def horizontal_flip(images, p=0.5, generator=None):
 
 
 def _grey(x):
-    """(n, 3, H, W) -> (n, 1, H, W) luma."""
-    return (x * _constant(LUMA, x).view(1, 3, 1, 1)).sum(1, keepdim=True)
-
-
-def _rgb_to_hsv(x):
-    """(n, 3, H, W) RGB in [0, 1] -> hue, saturation, value, each (n, H, W) in [0, 1]."""
-    r, g, b = x.unbind(1)
-    value, largest = x.max(1)
-    chroma = value - x.min(1).values
-    safe = torch.where(chroma > 0, chroma, 1)
-    hue = torch.stack([(g - b) / safe, (b - r) / safe + 2, (r - g) / safe + 4], 1)  # sector by largest channel
-    hue = torch.where(chroma > 0, (hue.gather(1, largest[:, None]).squeeze(1) / 6) % 1, 0)
-    saturation = torch.where(value > 0, chroma / torch.where(value > 0, value, 1), 0)
-    return hue, saturation, value
-
-
-def _hsv_to_rgb(hue, saturation, value):
-    """The inverse of _rgb_to_hsv: channel n in (R, G, B) = (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1),
-    k = (n + 6 h) mod 6."""
-    n = _constant([5.0, 3.0, 1.0], hue).view(1, 3, 1, 1)
-    k = (n + 6 * hue[:, None]) % 6
-    v, s = value[:, None], saturation[:, None]
-    return v - v * s * torch.minimum(k, 4 - k).clamp(0, 1)
+    """(n, 3, H, W) -> (n, 1, H, W) luma: one matrix product over the channels (a single read of x)."""
+    n, _, H, W = x.shape
+    return torch.matmul(_constant(LUMA, x).view(1, 3), x.reshape(n, 3, H * W)).view(n, 1, H, W)
 
 
 def _adjust_hue(x, shift):
-    hue, saturation, value = _rgb_to_hsv(x)
-    return _hsv_to_rgb((hue + shift[:, 0]) % 1, saturation, value)
+    """torchvision's adjust_hue: RGB -> HSV, hue + shift (turns of the colour circle, mod 1) -> RGB, for x
+    (n, 3, H, W) in [0, 1] and shift (n, 1, 1, 1). Computed without forming H, S and V: with v = max(r, g, b),
+    m = min(r, g, b), c = v - m (= v s) and the hue in sixths h6 = (g - b) / c if r is the largest, 2 + (b - r) / c
+    if g is, else 4 + (r - g) / c, HSV -> RGB gives each channel n = 5, 3, 1 (R, G, B) as
+    v - c clamp(min(k, 4 - k), 0, 1) = m + c clamp(|k - 2| - 1, 0, 1), k = (n + h6 + 6 shift) mod 6.
+    A grey pixel (c = 0) stays as it is. Written as few whole-tensor passes as it can be, most of them in place."""
+    r, g, b = x.unbind(1)
+    v, m = x.amax(1), x.amin(1)
+    c = v - m
+    h6 = torch.where(r == v, g - b, torch.where(g == v, (b - r).add_(c, alpha=2), (r - g).add_(c, alpha=4)))
+    h6 = h6.div_(c.clamp(min=1e-12)).add_(6 * shift[:, 0])                                       # (n, H, W)
+    k = (h6[:, None] + _constant([5.0, 3.0, 1.0], x).view(1, 3, 1, 1)).remainder_(6)         # (n, 3, H, W)
+    # m + c clamp(|k - 2| - 1, 0, 1) = (2 m - v) + c clamp(|k - 2|, 1, 2): four passes over k
+    return torch.addcmul((2 * m - v)[:, None], k.sub_(2).abs_().clamp_(1, 2), c[:, None])
+
+
+def _brightness(x, f):
+    return x.mul_(f).clamp_(0, 1)
+
+
+def _contrast(x, f):  # blend with the image's mean grey level: mean of the luma = luma . mean colour
+    mean = torch.matmul(x.mean((-2, -1)), _constant(LUMA, x)).view(-1, 1, 1, 1)
+    return x.mul_(f).add_((1 - f) * mean).clamp_(0, 1)
+
+
+def _saturation(x, f):  # blend with the grey image (taken before x is scaled in place)
+    grey = _grey(x).mul_(1 - f)
+    return x.mul_(f).add_(grey).clamp_(0, 1)
 
 
 # torchvision's adjust_* on float images: brightness scales, contrast blends with the mean grey level, saturation
-# blends with the grey image, each clamped to [0, 1]; hue rotates the HSV hue by a fraction of the circle.
-_JITTER_OPS = (
-    lambda x, f: (x * f).clamp(0, 1),
-    lambda x, f: (f * x + (1 - f) * _grey(x).mean((-2, -1), keepdim=True)).clamp(0, 1),
-    lambda x, f: (f * x + (1 - f) * _grey(x)).clamp(0, 1),
-    _adjust_hue,
-)
+# blends with the grey image, each clamped to [0, 1]; hue rotates the HSV hue by a fraction of the circle. The
+# first three work in place on x, which color_jitter owns (a copy of its input, or a subset gathered from it).
+_JITTER_OPS = (_brightness, _contrast, _saturation, _adjust_hue)
 
 
-def color_jitter(images, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8, generator=None):
+def color_jitter(images, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8, generator=None,
+                 inplace=False):
     """torchvision's ColorJitter applied with probability p: brightness, contrast and saturation factors
     ~ U(max(0, 1 - a), 1 + a), a hue shift ~ U(-hue, hue) turns of the colour circle, in a random order drawn per
-    image (as torchvision draws it per call). Defaults: DINO's values (0.4, 0.4, 0.2, 0.1, p=0.8)."""
+    image (as torchvision draws it per call). Defaults: DINO's values (0.4, 0.4, 0.2, 0.1, p=0.8). inplace: work
+    in images itself (a caller that owns it) instead of a copy."""
     B = images.shape[0]
     chosen = _coin(p, B, generator)
     factors = [_uniform(max(0.0, 1 - a), 1 + a, B, generator) for a in (brightness, contrast, saturation)]
     factors.append(_uniform(-hue, hue, B, generator))
     order = torch.rand(B, 4, generator=generator).argsort(1)  # order[i, slot] = the op image i does at slot
-    images = images.clone()  # ours now: the 16 subsets below are written into it in place, not into 16 copies
+    images = images if inplace else images.clone()  # the subsets below are written into it in place
+    jitter = _jitter_in_groups if images.device.type == "cpu" else _jitter_in_subsets
+    return jitter(images, chosen, torch.stack(factors, 1), order)
+
+
+def _jitter_in_subsets(images, chosen, factors, order):
+    """color_jitter's ops on a GPU, where kernel launches cost more than copies: 16 subsets (the images doing
+    op k at slot s), each gathered, changed and written back in a few kernels. images (B, 3, H, W), owned;
+    chosen (B,); factors (B, 4); order (B, 4): order[i, slot] = the op image i does at that slot."""
     for slot in range(4):
         for op, fn in enumerate(_JITTER_OPS):
-            images = _apply(images, chosen & (order[:, slot] == op), fn, factors[op], inplace=True)
+            images = _apply(images, chosen & (order[:, slot] == op), fn, factors[:, op], inplace=True)
     return images
 
 
-def random_grayscale(images, p=0.2, generator=None):
-    """Replace each image by its luma (ITU-R 601, copied to the 3 channels) with probability p."""
-    return _apply(images, _coin(p, images.shape[0], generator), lambda x: _grey(x).expand_as(x))
+def _jitter_in_groups(images, chosen, factors, order):
+    """color_jitter's ops on a CPU, where copies cost more than kernel calls: the images that drew the same
+    order are moved next to each other once (one gather), each group gets its four ops in place on its slice,
+    and all go back at the end (one scatter), instead of gathering and scattering 16 subsets. The same result as
+    _jitter_in_subsets (tests/test_augment.py). Arguments as there."""
+    group = torch.where(chosen, (order * torch.tensor([64, 16, 4, 1])).sum(1), -1)  # the order as one number
+    perm = group.argsort(stable=True)
+    x = images.index_select(0, perm)
+    factors = factors[perm].to(x.dtype)
+    start = 0
+    for key, n in zip(*(t.tolist() for t in torch.unique_consecutive(group[perm], return_counts=True))):
+        if key >= 0:  # chosen: ops (key >> 6) & 3, (key >> 4) & 3, (key >> 2) & 3, key & 3, in that order
+            group_x = x[start:start + n]
+            for op in ((key >> shift) & 3 for shift in (6, 4, 2, 0)):
+                out = _JITTER_OPS[op](group_x, factors[start:start + n, op].view(-1, 1, 1, 1))
+                if out is not group_x:  # the hue shift makes a new tensor
+                    group_x.copy_(out)
+        start += n
+    return images.index_copy_(0, perm, x)
+
+
+def random_grayscale(images, p=0.2, generator=None, inplace=False):
+    """Replace each image by its luma (ITU-R 601, copied to the 3 channels) with probability p. inplace: write
+    the chosen images into images itself (a caller that owns it), as the functions below."""
+    return _apply(images, _coin(p, images.shape[0], generator), lambda x: _grey(x).expand_as(x).contiguous(), inplace=inplace)
 
 
 def _blur_along(x, sigma, radius, dim):
@@ -313,7 +404,7 @@ def _blur_along(x, sigma, radius, dim):
     return F.conv2d(x, kernel.view(shape), groups=n * C).view(n, C, H, W)  # one group per image channel
 
 
-def gaussian_blur(images, p=0.5, sigma=(0.1, 2.0), generator=None):
+def gaussian_blur(images, p=0.5, sigma=(0.1, 2.0), generator=None, inplace=False):
     """Gaussian blur with probability p, sigma ~ U(sigma) per image (DINO's PIL GaussianBlur radius, which is
     sigma): a separable kernel over +-3 sigma_max pixels, one grouped convolution per axis, reflect padding."""
     B, _, H, W = images.shape
@@ -322,13 +413,14 @@ def gaussian_blur(images, p=0.5, sigma=(0.1, 2.0), generator=None):
 
     def blur(x, s):
         return _blur_along(_blur_along(x, s, min(radius, W - 1), -1), s, min(radius, H - 1), -2)
-    return _apply(images, chosen, blur, sigmas)
+    return _apply(images, chosen, blur, sigmas, inplace=inplace)
 
 
-def solarize(images, p=0.2, threshold=0.5, generator=None):
+def solarize(images, p=0.2, threshold=0.5, generator=None, inplace=False):
     """With probability p invert the pixels >= threshold (x -> 1 - x): PIL's ImageOps.solarize(img, 128) on
     uint8 images, whose pixels k/255 are >= 0.5 exactly when k >= 128."""
-    return _apply(images, _coin(p, images.shape[0], generator), lambda x: torch.where(x >= threshold, 1 - x, x))
+    return _apply(images, _coin(p, images.shape[0], generator), lambda x: torch.where(x >= threshold, 1 - x, x),
+                  inplace=inplace)
 
 
 def min_pixels(crops):
@@ -405,27 +497,28 @@ class MultiCropAugment:
         self.min_pixels = min_pixels(crops)  # 96^2 / 0.05 = 184,320 for DINO's defaults (about 500 x 375)
 
     def _photometric(self, x, blur_p, solarize_p, generator):
-        x = color_jitter(x, *self.color_jitter, p=self.color_jitter_p, generator=generator)
-        x = random_grayscale(x, p=0.2, generator=generator)
-        x = gaussian_blur(x, p=blur_p, sigma=self.blur_sigma, generator=generator)
-        x = solarize(x, p=solarize_p, generator=generator)
-        return normalize(x)
+        """The views' colour chain, in place on x (fresh crops that nobody else holds)."""
+        x = color_jitter(x, *self.color_jitter, p=self.color_jitter_p, generator=generator, inplace=True)
+        x = random_grayscale(x, p=0.2, generator=generator, inplace=True)
+        x = gaussian_blur(x, p=blur_p, sigma=self.blur_sigma, generator=generator, inplace=True)
+        x = solarize(x, p=solarize_p, generator=generator, inplace=True)
+        return normalize(x, inplace=True)
 
-    def _crops(self, pixels, sizes, rows, size, scale, number, generator):
+    def _crops(self, pixels, sizes, table, size, scale, number, generator):
         """`number` views of every photo: (number B, 3, size, size), view k of photo b at row k B + b."""
         params = [random_crop_params(sizes, scale, hflip_p=0.5, generator=generator) for _ in range(number)]
         boxes, flip = (torch.cat(p) for p in zip(*params))
-        return crop_resize(pixels, boxes, size, flip=flip, sizes=sizes, source=torch.arange(len(sizes)).repeat(number),
-                           rows=rows)
+        return crop_resize(pixels, boxes, size, flip=flip, source=torch.arange(len(sizes)).repeat(number), table=table)
 
     def __call__(self, images, generator=None):
         pixels, sizes = photo_batch(images)
         B, n = len(sizes), self.local_crops_number
-        rows = canvas_rows(pixels) if B else None  # converted once for the global and the local crops
-        views = self._crops(pixels, sizes, rows, self.global_crop_size, self.global_crops_scale, 2, generator)
+        # the batched crops' table, converted once for the global and the local crops (the CPU's crops need none)
+        table = canvas_table(pixels) if B and (pixels.device.type != "cpu" or pixels.is_floating_point()) else None
+        views = self._crops(pixels, sizes, table, self.global_crop_size, self.global_crops_scale, 2, generator)
         views = [self._photometric(views[:B], 1.0, 0.0, generator), self._photometric(views[B:], 0.1, 0.2, generator)]
         if n > 0:  # the local views share one photometric pass over (n B, 3, L, L)
-            local = self._crops(pixels, sizes, rows, self.local_crop_size, self.local_crops_scale, n, generator)
+            local = self._crops(pixels, sizes, table, self.local_crop_size, self.local_crops_scale, n, generator)
             local = self._photometric(local, 0.5, 0.0, generator)
             views += list(local.view(n, B, *local.shape[1:]).unbind(0))
         return views

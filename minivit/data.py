@@ -276,9 +276,11 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def _to_tensor(image):
-    """RGB Pillow image (w x h) -> uint8 tensor (3, h, w)."""
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+def _to_tensor(image, channels_last=False):
+    """RGB Pillow image (w x h) -> uint8 tensor (3, h, w); channels_last: a view of the decoded (h, w, 3) pixels
+    (no transposing copy), as the whole photos for the crops are kept."""
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    return pixels if channels_last else pixels.contiguous()
 
 
 def load_image(path, load_size):
@@ -320,25 +322,29 @@ def load_photo(path, min_pixels):
         image = _to_rgb(image)
         k = shrink_factor(*image.size, min_pixels, factors=range(int((image.size[0] * image.size[1] / min_pixels)
                                                                        ** 0.5), 1, -1))
-        return _to_tensor(image.reduce(k) if k > 1 else image)
+        return _to_tensor(image.reduce(k) if k > 1 else image, channels_last=True)
 
 
 @dataclass
 class Photos:
     """A batch of whole photos of different sizes, as build_loader yields it for a whole-photo data set: photo i is
     pixels[i, :, :h_i, :w_i] (zeros around it) with (h_i, w_i) = sizes[i]. minivit/augment.py draws each photo's
-    crop boxes in its own coordinates and cuts them out of the canvas on the device, the whole batch at once."""
+    crop boxes in its own coordinates and cuts them out of the canvas on the device (a GPU: the whole batch at
+    once)."""
     pixels: torch.Tensor  # uint8 (B, 3, H, W), H = max h_i, W = max w_i
     sizes: torch.Tensor  # int64 (B, 2): (h_i, w_i); stays on the CPU, where the random boxes are drawn
 
     @classmethod
     def stack(cls, images):
-        """uint8 tensors (3, h_i, w_i) -> Photos, padded at the bottom and right to the largest h and w."""
+        """uint8 tensors (3, h_i, w_i) -> Photos, padded at the bottom and right to the largest h and w. The
+        canvas is channels-last in memory (B, H, W, 3), as the photos decode and as the CPU's crops read it."""
         sizes = torch.tensor([image.shape[1:] for image in images], dtype=torch.int64).view(-1, 2)
         H, W = (sizes.max(0).values.tolist() if len(images) else (1, 1))
-        pixels = torch.zeros(len(images), 3, H, W, dtype=torch.uint8)
+        pixels = torch.empty(len(images), H, W, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
         for canvas, image in zip(pixels, images):  # in the loader's workers, not on the training step's path
-            canvas[:, :image.shape[1], :image.shape[2]] = image
+            h, w = image.shape[1:]
+            canvas[:, :h, :w] = image
+            canvas[:, h:], canvas[:, :h, w:] = 0, 0  # the padding (no crop reads it)
         return cls(pixels, sizes)
 
     def __len__(self):

@@ -335,3 +335,14 @@ def test_two_process_gloo_run(tmp_path):
         assert r[i]["mean"] == [0.5, 5.0] and r[i]["world"] == 2 and r[i]["dist"] and r[i]["main"] == (i == 0)
         assert r[i]["n_states"] == 2 and r[i]["restored"] and r[i]["same"] and r[i]["stopped"]
     assert r[0]["first"] != r[1]["first"]  # seed + rank: each process draws its own numbers
+
+
+def test_keep_freed_memory_applies_on_linux_glibc_and_tensors_still_work():
+    import platform
+    import sys
+    from minivit.training import keep_freed_memory
+    applied = keep_freed_memory()
+    assert applied == (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    x = torch.ones(4_000_000)  # 16 MB: above glibc's default mmap threshold, now from the heap
+    del x
+    assert torch.ones(4_000_000).sum().item() == 4_000_000
