@@ -23,6 +23,7 @@ The recipes are those of torchvision/PIL that DINO uses, with these deliberate d
   - Gaussian blur is an exact separable Gaussian (radius 3 sigma, reflect padding) where PIL approximates it with
     box blurs; torchvision's float hue shift (exact HSV) where the official PIL path shifts a uint8 hue channel.
 """
+import functools
 import math
 
 import torch
@@ -52,8 +53,14 @@ def _to_device(values, device):
 
 
 def _constant(values, x):
-    """A few Python numbers -> a tensor on x's device and dtype, without a sync (see _to_device)."""
-    return _to_device(torch.tensor(values, dtype=x.dtype), x.device)
+    """A few Python numbers -> a tensor on x's device and dtype, without a sync (see _to_device); made once per
+    (values, dtype, device) and shared, so never to be changed in place."""
+    return _cached_constant(tuple(values), x.dtype, x.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values, dtype, device):
+    return _to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _per_image(values, x):
@@ -226,11 +233,11 @@ def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, source=
     if images.device.type == "cpu" and images.dtype == torch.uint8:
         images = images.contiguous(memory_format=torch.channels_last)  # the loader's canvas already is
         crops = torch.empty(n, out_h, out_w, C, dtype=torch.uint8).permute(0, 3, 1, 2)
-        for crop, i, (top, left, h, w) in zip(crops, source.tolist(), boxes.tolist()):
+        flips = [False] * n if flip is None else flip.tolist()
+        for crop, i, (top, left, h, w), mirror in zip(crops, source.tolist(), boxes.tolist(), flips):
             box = images[i:i + 1, :, top:top + h, left:left + w]
-            crop.copy_(F.interpolate(box, (out_h, out_w), mode=interpolation, antialias=True)[0])
-        if flip is not None and flip.any():
-            crops[flip] = crops[flip].flip(-1)
+            out = F.interpolate(box, (out_h, out_w), mode=interpolation, antialias=True)[0]
+            crop.copy_(out.flip(-1) if mirror else out)
         return torch.div(crops, 255, out=torch.empty(n, C, out_h, out_w, dtype=dtype))  # one pass: -> [0, 1]
     return _crop_resize_batched(images, boxes, out_h, out_w, interpolation, flip, source, dtype, table)
 
