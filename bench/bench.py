@@ -497,13 +497,15 @@ def official_dino_views(path, rng, global_size=224, local_size=96, local_crops=8
         [_official_view(photo, local_size, (0.05, 0.4), 0.5, 0.0, rng) for _ in range(local_crops)]
 
 
-def _images_per_second(fn, images, rounds=2):
-    """fn() processes `images` images; -> the best img/s of `rounds` calls (the least disturbed by other jobs)."""
-    best = 0.0
+def _images_per_second(fns, images, rounds=3):
+    """Each fn() of fns processes `images` images; -> the best img/s of each over `rounds` rounds, the fns taking
+    turns within a round (so that a slower spell of a shared machine falls on all of them, not on one)."""
+    best = [0.0] * len(fns)
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = max(best, images / (time.perf_counter() - t0))
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[k] = max(best[k], images / (time.perf_counter() - t0))
     return best
 
 
@@ -526,16 +528,21 @@ def bench_data(plan):
         rng = random.Random(0)
         torch.set_num_threads(1)  # per core: the yardstick and our one-core rows each run on one thread
         try:
-            official = _images_per_second(lambda: [official_dino_views(p, rng, plan.global_size, plan.local_size)
-                                                   for p in few], len(few))
-            ours_decode = _images_per_second(lambda: [decode(few[i:i + B]) for i in range(0, len(few), B)], len(few))
+            def official_pipeline():
+                for p in few:
+                    official_dino_views(p, rng, plan.global_size, plan.local_size)
+
+            def decode_only():
+                for i in range(0, len(few), B):
+                    decode(few[i:i + B])
 
             def decode_and_crop():
                 for i in range(0, len(few), B):
                     augment(decode(few[i:i + B]).to(device), generator)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-            together = _images_per_second(decode_and_crop, len(few))
+            official, ours_decode, together = _images_per_second([official_pipeline, decode_only, decode_and_crop],
+                                                                 len(few))
         finally:
             torch.set_num_threads(threads)
         crops = f"2x{plan.global_size} + 8x{plan.local_size}"

@@ -238,7 +238,7 @@ def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, source=
             box = images[i:i + 1, :, top:top + h, left:left + w]
             out = F.interpolate(box, (out_h, out_w), mode=interpolation, antialias=True)[0]
             crop.copy_(out.flip(-1) if mirror else out)
-        return torch.div(crops, 255, out=torch.empty(n, C, out_h, out_w, dtype=dtype))  # one pass: -> [0, 1]
+        return torch.empty(n, C, out_h, out_w, dtype=dtype).copy_(crops).div_(255)  # -> float in [0, 1]
     return _crop_resize_batched(images, boxes, out_h, out_w, interpolation, flip, source, dtype, table)
 
 
@@ -320,8 +320,8 @@ def _adjust_hue(x, shift):
     h6 = torch.where(r == v, g - b, torch.where(g == v, (b - r).add_(c, alpha=2), (r - g).add_(c, alpha=4)))
     h6 = h6.div_(c.clamp(min=1e-12)).add_(6 * shift[:, 0])                                       # (n, H, W)
     k = (h6[:, None] + _constant([5.0, 3.0, 1.0], x).view(1, 3, 1, 1)).remainder_(6)         # (n, 3, H, W)
-    # m + c clamp(|k - 2| - 1, 0, 1) = (2 m - v) + c clamp(|k - 2|, 1, 2): four passes over k
-    return torch.addcmul((2 * m - v)[:, None], k.sub_(2).abs_().clamp_(1, 2), c[:, None])
+    # m + c clamp(|k - 2| - 1, 0, 1) = (m - c) + c clamp(|k - 2|, 1, 2): four passes over k
+    return torch.addcmul((m - c)[:, None], k.sub_(2).abs_().clamp_(1, 2), c[:, None])
 
 
 def _brightness(x, f):
@@ -333,9 +333,8 @@ def _contrast(x, f):  # blend with the image's mean grey level: mean of the luma
     return x.mul_(f).add_((1 - f) * mean).clamp_(0, 1)
 
 
-def _saturation(x, f):  # blend with the grey image (taken before x is scaled in place)
-    grey = _grey(x).mul_(1 - f)
-    return x.mul_(f).add_(grey).clamp_(0, 1)
+def _saturation(x, f):  # blend with the grey image
+    return torch.lerp(_grey(x).expand_as(x), x, f.expand_as(x), out=x).clamp_(0, 1)  # grey + f (x - grey)
 
 
 # torchvision's adjust_* on float images: brightness scales, contrast blends with the mean grey level, saturation
@@ -371,24 +370,26 @@ def _jitter_in_subsets(images, chosen, factors, order):
 
 
 def _jitter_in_groups(images, chosen, factors, order):
-    """color_jitter's ops on a CPU, where copies cost more than kernel calls: the images that drew the same
-    order are moved next to each other once (one gather), each group gets its four ops in place on its slice,
-    and all go back at the end (one scatter), instead of gathering and scattering 16 subsets. The same result as
-    _jitter_in_subsets (tests/test_augment.py). Arguments as there."""
+    """color_jitter's ops on a CPU, where copies cost more than kernel calls: the chosen images that drew the same
+    order form a group, gathered once (a lone image is worked on where it is), given its four ops in place and
+    written back, instead of gathering and scattering 16 subsets. The same result as _jitter_in_subsets
+    (tests/test_augment.py). Arguments as there."""
     group = torch.where(chosen, (order * torch.tensor([64, 16, 4, 1])).sum(1), -1)  # the order as one number
-    perm = group.argsort(stable=True)
-    x = images.index_select(0, perm)
-    factors = factors[perm].to(x.dtype)
-    start = 0
-    for key, n in zip(*(t.tolist() for t in torch.unique_consecutive(group[perm], return_counts=True))):
-        if key >= 0:  # chosen: ops (key >> 6) & 3, (key >> 4) & 3, (key >> 2) & 3, key & 3, in that order
-            group_x = x[start:start + n]
-            for op in ((key >> shift) & 3 for shift in (6, 4, 2, 0)):
-                out = _JITTER_OPS[op](group_x, factors[start:start + n, op].view(-1, 1, 1, 1))
-                if out is not group_x:  # the hue shift makes a new tensor
-                    group_x.copy_(out)
-        start += n
-    return images.index_copy_(0, perm, x)
+    factors = factors.to(images.dtype)
+    for key in group.unique().tolist():
+        if key < 0:  # not chosen: left as they are
+            continue
+        rows = (group == key).nonzero().flatten().tolist()
+        x = images[rows[0]:rows[0] + 1] if len(rows) == 1 else torch.stack([images[i] for i in rows])
+        f = factors[rows]
+        for op in ((key >> shift) & 3 for shift in (6, 4, 2, 0)):  # ops (key >> 6) & 3, ..., key & 3, in order
+            out = _JITTER_OPS[op](x, f[:, op].view(-1, 1, 1, 1))
+            if out is not x:  # the hue shift makes a new tensor
+                x.copy_(out)
+        if len(rows) > 1:
+            for i, result in zip(rows, x):
+                images[i].copy_(result)
+    return images
 
 
 def random_grayscale(images, p=0.2, generator=None, inplace=False):
