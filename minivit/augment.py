@@ -365,7 +365,7 @@ def _jitter_in_subsets(images, chosen, factors, order):
     chosen (B,); factors (B, 4); order (B, 4): order[i, slot] = the op image i does at that slot."""
     for slot in range(4):
         for op, fn in enumerate(_JITTER_OPS):
-            images = _apply(images, chosen & (order[:, slot] == op), fn, factors[:, op], inplace=True)
+            images = _apply(images, chosen & (order[:, slot] == op), fn, factors[:, op].contiguous(), inplace=True)
     return images
 
 
@@ -395,7 +395,8 @@ def _jitter_in_groups(images, chosen, factors, order):
 def random_grayscale(images, p=0.2, generator=None, inplace=False):
     """Replace each image by its luma (ITU-R 601, copied to the 3 channels) with probability p. inplace: write
     the chosen images into images itself (a caller that owns it), as the functions below."""
-    return _apply(images, _coin(p, images.shape[0], generator), lambda x: _grey(x).expand_as(x).contiguous(), inplace=inplace)
+    return _apply(images, _coin(p, images.shape[0], generator), lambda x: _grey(x).expand_as(x).contiguous(),
+                  inplace=inplace)
 
 
 def _blur_along(x, sigma, radius, dim):

@@ -170,8 +170,8 @@ def run_cases(command, table, tmp_path):
 
 
 COMMANDS = ["minivit.knn", "minivit.attention_maps", "minivit.linear", "minivit.segmentation", "minivit.copydetect",
-            "bench/bench.py", "minivit.hf", "minivit.photo_folder", "minivit.compare", "train_vit.py", "train_resnet.py",
-            "train_dino.py"]
+            "bench/bench.py", "minivit.hf", "minivit.photo_folder", "minivit.compare", "train_vit.py",
+            "train_resnet.py", "train_dino.py"]
 NO_OUTPUT_DIR = ("minivit.knn", "minivit.linear", "bench/bench.py", "minivit.photo_folder")
 
 
