@@ -17,7 +17,7 @@ want() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if want photos; then
 # 0a. Issue 12, the data pipeline on 512 ImageNet-sized photos (minivit.photo_folder): the official per-image
 #     Pillow yardstick, our decode per core and with 16 workers, MultiCropAugment on the GPU at batch 128, both.
-timeout 150 python3 bench/bench.py --only data --out "$OUT/data.md" 2>&1 | tee -a "$OUT/log.txt" | tail -14
+timeout 180 python3 bench/bench.py --only data --out "$OUT/data.md" 2>&1 | tee -a "$OUT/log.txt" | tail -14
 # 0b. Same seed, same crops on cuda as on the CPU (and the rest of the crop tests, now on the GPU too).
 timeout 60 python3 -m pytest -q tests/test_augment.py -k "device or mixed or pil or whole" 2>&1 | tail -3 \
     | tee -a "$OUT/log.txt"
