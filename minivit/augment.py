@@ -208,6 +208,11 @@ def canvas_table(images, dtype=torch.float32, tile=CANVAS_TILE):
     return table.copy_(padded.view(B, C, H, T, tile).permute(0, 2, 3, 1, 4)).view(B * H * T, C * tile)
 
 
+def _cut_per_box(images):
+    """Whether crop_resize cuts these images box by box (uint8 on a CPU) rather than as one batch."""
+    return images.device.type == "cpu" and images.dtype == torch.uint8
+
+
 def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, source=None, dtype=torch.float32,
                 table=None):
     """Cut boxes out of a batch and resample each to size x size (an int or (h, w)) as torchvision's resized_crop
@@ -230,8 +235,8 @@ def crop_resize(images, boxes, size, interpolation="bicubic", flip=None, source=
     if n == 0:
         return images.new_empty(0, C, out_h, out_w, dtype=dtype)
     source = torch.arange(n) if source is None else source
-    if images.device.type == "cpu" and images.dtype == torch.uint8:
-        images = images.contiguous(memory_format=torch.channels_last)  # the loader's canvas already is
+    if _cut_per_box(images):
+        images = images.contiguous(memory_format=torch.channels_last)  # a no-op for the loader's canvas
         crops = torch.empty(n, out_h, out_w, C, dtype=torch.uint8).permute(0, 3, 1, 2)
         flips = [False] * n if flip is None else flip.tolist()
         for crop, i, (top, left, h, w), mirror in zip(crops, source.tolist(), boxes.tolist(), flips):
@@ -522,8 +527,13 @@ class MultiCropAugment:
     def __call__(self, images, generator=None):
         pixels, sizes = photo_batch(images)
         B, n = len(sizes), self.local_crops_number
-        # the batched crops' table, converted once for the global and the local crops (the CPU's crops need none)
-        table = canvas_table(pixels) if B and (pixels.device.type != "cpu" or pixels.is_floating_point()) else None
+        # made once for the global and the local crops: channels-last pixels for the CPU's per-box crops (a no-op
+        # for the loader's canvas), or the batched crops' table
+        table = None
+        if _cut_per_box(pixels):
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        elif B:
+            table = canvas_table(pixels)
         views = self._crops(pixels, sizes, table, self.global_crop_size, self.global_crops_scale, 2, generator)
         views = [self._photometric(views[:B], 1.0, 0.0, generator), self._photometric(views[B:], 0.1, 0.2, generator)]
         if n > 0:  # the local views share one photometric pass over (n B, 3, L, L)
