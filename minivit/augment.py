@@ -418,16 +418,30 @@ def _blur_along(x, sigma, radius, dim):
     return F.conv2d(x, kernel.view(shape), groups=n * C).view(n, C, H, W)  # one group per image channel
 
 
+# torch's CPU convolution slows down several-fold once the blurred batch outgrows the caches (measured on one core,
+# 224 px crops: 0.8 ms a crop two at a time, 5.7 ms in one batch of 64), and is slow for one image alone (1.4 ms):
+# on a CPU the chosen images are blurred in chunks of about this many values, at least two images each.
+CPU_BLUR_CHUNK = 300_000
+
+
 def gaussian_blur(images, p=0.5, sigma=(0.1, 2.0), generator=None, inplace=False):
     """Gaussian blur with probability p, sigma ~ U(sigma) per image (DINO's PIL GaussianBlur radius, which is
-    sigma): a separable kernel over +-3 sigma_max pixels, one grouped convolution per axis, reflect padding."""
-    B, _, H, W = images.shape
+    sigma): a separable kernel over +-3 sigma_max pixels, one grouped convolution per axis, reflect padding; on a
+    GPU over all the chosen images at once, on a CPU in chunks (CPU_BLUR_CHUNK)."""
+    B, C, H, W = images.shape
     chosen, sigmas = _coin(p, B, generator), _uniform(sigma[0], sigma[1], B, generator)
     radius = math.ceil(3 * sigma[1])  # a wider kernel only adds ~0 weights; reflect padding needs radius < side
 
     def blur(x, s):
         return _blur_along(_blur_along(x, s, min(radius, W - 1), -1), s, min(radius, H - 1), -2)
-    return _apply(images, chosen, blur, sigmas, inplace=inplace)
+    if images.device.type != "cpu":
+        return _apply(images, chosen, blur, sigmas, inplace=inplace)
+    out = images if inplace else images.clone()
+    rows, per_chunk = chosen.nonzero().flatten().tolist(), max(2, CPU_BLUR_CHUNK // (C * H * W))
+    for k in range(0, len(rows), per_chunk):
+        first, end = rows[k], rows[min(k + per_chunk, len(rows)) - 1] + 1  # images first..end-1: this chunk's
+        _apply(out[first:end], chosen[first:end], blur, sigmas[first:end], inplace=True)
+    return out
 
 
 def solarize(images, p=0.2, threshold=0.5, generator=None, inplace=False):

@@ -225,6 +225,18 @@ def test_blur_preserves_the_mean_and_smooths():
     assert (y.std((1, 2, 3)) < 0.5 * x.std((1, 2, 3))).all()
 
 
+def test_cpu_blur_in_chunks_equals_one_batch(monkeypatch):
+    """On a CPU the chosen images are blurred a few at a time (CPU_BLUR_CHUNK values): the result of one batch,
+    with the images left out untouched."""
+    x = images(23, 20, 20, torch.float32, 3)
+    chosen = augment._coin(0.6, 23, gen(5))  # the draws gaussian_blur makes first
+    one_batch = gaussian_blur(x, p=0.6, generator=gen(5))  # 23 x 1200 values: one chunk
+    monkeypatch.setattr(augment, "CPU_BLUR_CHUNK", 3 * 1200)  # 3 images a chunk: 5 chunks, most with gaps
+    chunked = gaussian_blur(x, p=0.6, generator=gen(5))
+    torch.testing.assert_close(chunked, one_batch, rtol=0, atol=1e-6)
+    assert torch.equal(chunked[~chosen], x[~chosen]) and not torch.equal(chunked[chosen], x[chosen])
+
+
 @pytest.mark.parametrize("sigma", [0.7, 1.5])
 def test_blur_matches_pil_gaussian_blur(sigma):
     array = (smooth_uint8(40, 40).astype(np.float64) + np.random.default_rng(0).uniform(-40, 40, (40, 40, 3)))
