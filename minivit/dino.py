@@ -3,6 +3,7 @@ Transformers"), the pieces of Section 3 and Algorithm 1 in the order the paper i
 
     crops -> MultiCropWrapper(backbone, DINOHead) -> student / teacher outputs   (sec. 3.1, Fig. 2)
           -> DINOLoss: centred + sharpened teacher targets, cross-entropy over view pairs, centre EMA  (sec. 3.1)
+             (+ koleo_loss on the student's features: DINOv2's regulariser, off unless asked for)
           -> clip_gradients, cancel_gradients_last_layer, optimizer step           (Appendix / official recipe)
           -> update_teacher: teacher = EMA of the student                          (sec. 3.1, "Teacher network")
 
@@ -105,8 +106,9 @@ class MultiCropWrapper(nn.Module):
     the head runs once.
 
     crops: list of (B_i, C, H_i, W_i) float tensors, or one tensor. Returns (sum_i B_i, K), crop-major: all of
-    crop 0's images first, then crop 1's, ... The backbone must map (B, C, H, W) -> (B, D) features
-    (ViT and ResNet with num_classes=0)."""
+    crop 0's images first, then crop 1's, ... (with return_features=True also the backbone's (sum_i B_i, D)
+    features, in the same order). The backbone must map (B, C, H, W) -> (B, D) features (ViT and ResNet with
+    num_classes=0)."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -124,7 +126,7 @@ class MultiCropWrapper(nn.Module):
         self._compiled_backbone = torch.compile(self.backbone.forward, dynamic=False)
         return self
 
-    def forward(self, crops):
+    def forward(self, crops, return_features=False):
         if torch.is_tensor(crops):
             crops = [crops]
         sizes = torch.tensor([tuple(c.shape[-2:]) for c in crops])  # (n_crops, 2): (H, W) of each crop
@@ -138,7 +140,9 @@ class MultiCropWrapper(nn.Module):
                                  "build it with num_classes=0")
             features.append(f)
             start = end
-        return self.head(torch.cat(features))  # (sum_i B_i, K)
+        features = torch.cat(features)
+        logits = self.head(features)  # (sum_i B_i, K)
+        return (logits, features) if return_features else logits
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -229,6 +233,25 @@ class DINOLoss(nn.Module):
         p_mean = p.mean(dim=0)                                                # (K,)
         kl = (p_mean * torch.log(p_mean.clamp_min(1e-30))).sum() + math.log(p.shape[-1])
         return dict(entropy=entropy, kl_to_uniform=kl)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# An optional regulariser from DINOv2 (Oquab et al. 2023, sec. 4), not in DINO itself: spread the features
+
+def koleo_loss(features, eps=1e-8):
+    """The KoLeo regulariser (Sablayrolles et al. 2019, "Spreading vectors for similarity search", from the
+    Kozachenko-Leonenko entropy estimator): -mean_i log ||x_i - x_j(i)||, x the L2-normalised features and j(i)
+    the nearest other feature in the batch. Lowering it pushes each feature away from its nearest neighbour, so
+    the batch spreads over the sphere instead of bunching up. DINOv2 adds it, weight 0.1, for the student's CLS
+    features of each global view. features (B, D) float, B >= 2 -> 0-d float32 tensor."""
+    if features.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs at least 2 features to find neighbours, got {features.shape[0]}")
+    x = F.normalize(features.float(), dim=-1, eps=eps)      # (B, D) on the unit sphere
+    with torch.no_grad():  # which neighbour is nearest: a choice, not differentiated
+        cosines = x @ x.T
+        cosines.fill_diagonal_(-2.0)                        # below any cosine: never its own neighbour
+        nearest = cosines.argmax(dim=1)                     # (B,)
+    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
 
 
 # -----------------------------------------------------------------------------------------------------------------

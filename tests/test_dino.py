@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minivit.dino import (DINOHead, DINOLoss, MultiCropWrapper, cancel_gradients_last_layer, clip_gradients,
-                          remap_head_state_dict, update_teacher)
+                          koleo_loss, remap_head_state_dict, update_teacher)
 
 
 class TinyBackbone(nn.Module):
@@ -133,6 +133,9 @@ def test_multicrop_groups_by_resolution_and_matches_crop_by_crop():
     assert model.backbone.calls == [(2 * B, 3, 32, 32), (4 * B, 3, 16, 16)]  # one call per resolution
     one_by_one = torch.cat([model(c) for c in crops])  # a single tensor is accepted too
     torch.testing.assert_close(out, one_by_one)
+    logits, features = model(crops, return_features=True)  # the backbone's features too, in the same order
+    torch.testing.assert_close(logits, out)
+    torch.testing.assert_close(features, torch.cat([model.backbone(c) for c in crops]))
 
 
 def test_compiled_backbone_matches_eager_and_keeps_the_state_dict(reference_kernels):
@@ -311,6 +314,38 @@ def test_loss_rejects_mismatched_shapes():
         loss(torch.randn(10, 16), torch.randn(4, 16), 0)
     with pytest.raises(ValueError, match="teacher_output"):
         loss(torch.randn(8, 16), torch.randn(8, 16), 0)
+
+
+# --- KoLeo (DINOv2's regulariser, optional) ------------------------------------------------------------------------
+
+def test_koleo_is_minus_the_mean_log_distance_to_the_nearest_neighbour():
+    """Four points on the unit circle at 0, 10, 90 and 180 degrees (given at other lengths: they are normalised):
+    nearest neighbours 10 deg, 10 deg, 80 deg and 90 deg away, chords 2 sin(angle / 2)."""
+    angles = torch.tensor([0.0, 10.0, 90.0, 180.0]).deg2rad()
+    x = torch.stack([angles.cos(), angles.sin()], 1) * torch.tensor([[1.0], [3.0], [0.5], [2.0]])
+    chords = 2 * torch.tensor([5.0, 5.0, 40.0, 45.0]).deg2rad().sin()
+    assert koleo_loss(x).item() == pytest.approx(-chords.log().mean().item(), rel=1e-5)
+    assert koleo_loss(x.double()).dtype == torch.float32
+
+
+@given(B=st.integers(2, 12), D=st.integers(2, 16), seed=st.integers(0, 99))
+def test_koleo_matches_a_brute_force_computation(B, D, seed):
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    u = x / x.norm(dim=1, keepdim=True)
+    distances = torch.cdist(u, u) + torch.diag(torch.full((B,), math.inf, dtype=torch.float64))
+    assert koleo_loss(x).item() == pytest.approx(-distances.min(1).values.log().mean().item(), rel=1e-4, abs=1e-5)
+
+
+def test_koleo_gradient_spreads_bunched_features():
+    """A step down the gradient moves the two nearest features apart and leaves the batch more spread out."""
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [-1.0, 0.2]], requires_grad=True)
+    koleo_loss(x).backward()
+    with torch.no_grad():
+        y = x - 0.05 * x.grad
+        assert F.cosine_similarity(y[0], y[1], dim=0) < F.cosine_similarity(x[0], x[1], dim=0)
+        assert koleo_loss(y) < koleo_loss(x)
+    with pytest.raises(ValueError, match="at least 2"):
+        koleo_loss(torch.randn(1, 8))
 
 
 # --- teacher EMA, last-layer freezing, clipping -------------------------------------------------------------------

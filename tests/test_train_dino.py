@@ -37,9 +37,9 @@ def load(path):
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
-    """One 2-step ViT run with the offline k-NN, both baselines and the attention maps."""
+    """One 2-step ViT run with the offline k-NN, both baselines, the attention maps and the KoLeo term."""
     out = tmp_path_factory.mktemp("vit")
-    stdout = run([*TINY, "--output_dir", out, "--eval_every", "1"])
+    stdout = run([*TINY, "--output_dir", out, "--eval_every", "1", "--koleo_weight", "0.3"])
     return out, stdout
 
 
@@ -59,6 +59,7 @@ def test_vit_smoke_run_writes_the_official_layout(vit_run):
     assert (out / "curves.png").stat().st_size > 0 and len(list((out / "attention").glob("*.png"))) == 4
     assert sorted(p.name for p in (out / "attention").glob("*.pt")) == ["ep0000.pt", "ep0001.pt"]  # before, after
     assert "random-init vit_ti16" in stdout and "raw pixels" in stdout and "the CPU preset" in stdout
+    assert any(line.startswith("ep 1/1 it 1/2") and " koleo " in line for line in stdout.splitlines())
 
 
 def test_dino_figure_from_the_run_folder(vit_run, tmp_path):
@@ -132,7 +133,7 @@ def test_resume_is_exact(tmp_path):
     """2 epochs uninterrupted == epoch 1 (its checkpoint0000.pth, what an interrupted run leaves) + resume: the
     resumed process restores weights, optimizer, centre and every random state, k-NN evaluations included."""
     assert_resume_is_exact(tmp_path, [*TINY, "--epochs", 2, "--saveckp_freq", 1, "--eval_every", 1, "--knn_data",
-                                      "digits"])
+                                      "digits", "--koleo_weight", 0.1])
 
 
 def test_resume_is_exact_on_a_folder_of_photos(tmp_path):
@@ -164,7 +165,7 @@ def test_defaults_follow_the_official_recipe():
                     warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0, lr=0.0005,
                     min_lr=1e-6, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0,
                     freeze_last_layer=1, drop_path_rate=0.1, batch_size_per_gpu=64, epochs=100, optimizer="adamw",
-                    global_crop_size=224, local_crop_size=96, local_crops_number=8)
+                    global_crop_size=224, local_crop_size=96, local_crops_number=8, koleo_weight=0.0)
     assert {k: getattr(args, k) for k in official} == official
     assert tuple(args.global_crops_scale) == (0.4, 1.0) and tuple(args.local_crops_scale) == (0.05, 0.4)
 
