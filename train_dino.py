@@ -317,11 +317,6 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     niter = min(len(loader), args.iters_per_epoch or len(loader))
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    patch = ARCHS[args.arch].keywords["patch_size"] if family == "vit" else 1
-    for name in ("global_crop_size", "local_crop_size"):
-        if getattr(args, name) % patch:
-            raise SystemExit(f"error: --{name} {getattr(args, name)} is not a multiple of {args.arch}'s patch size "
-                             f"{patch}")
     if family == "vit":  # position table sized for the global crops (224: 196 + 1 at /16); drop path: student only
         student = build_model(args.arch, img_size=args.global_crop_size, drop_path_rate=args.drop_path_rate)
         teacher = build_model(args.arch, img_size=args.global_crop_size)

@@ -72,7 +72,7 @@ def _apply(images, chosen, fn, *params, inplace=False):
     """images with fn applied to the chosen images only: fn(x_subset, *params_subset) -> same shape. inplace: write
     the results into images itself (for a caller that owns it) rather than into a copy. The subset is gathered
     and written back with one kernel each on a GPU; on a CPU image by image (one memcpy each: index_select and
-    index_copy_ copy whole-image rows several times slower there)."""
+    index_copy_ copy whole-image rows several times slower there), and a lone image is worked on where it is."""
     index = chosen.nonzero().flatten()
     if len(index) == 0:
         return images
@@ -82,10 +82,15 @@ def _apply(images, chosen, fn, *params, inplace=False):
     subset_params = [_per_image(p[index], images) for p in params]
     if images.device.type == "cpu":
         rows = index.tolist()
-        subset = fn(torch.stack([images[i] for i in rows]), *subset_params)
         out = images if inplace else images.clone()
-        for i, result in zip(rows, subset):
-            out[i].copy_(result)
+        subset = out[rows[0]:rows[0] + 1] if len(rows) == 1 else torch.stack([out[i] for i in rows])
+        result = fn(subset, *subset_params)
+        if len(rows) == 1:
+            if result is not subset:
+                subset.copy_(result)
+        else:
+            for i, image in zip(rows, result):
+                out[i].copy_(image)
         return out
     index_dev = _to_device(index, images.device)
     subset = fn(images.index_select(0, index_dev), *subset_params)
@@ -374,26 +379,25 @@ def _jitter_in_subsets(images, chosen, factors, order):
     return images
 
 
+def _jitter_in_order(ops, x, *factors):
+    """The jitter ops `ops` (indices into _JITTER_OPS) in that order, in place on x (n, 3, H, W); factors: the
+    four (n, 1, 1, 1) factors, one per op."""
+    for op in ops:
+        out = _JITTER_OPS[op](x, factors[op])
+        if out is not x:  # the hue shift makes a new tensor
+            x.copy_(out)
+    return x
+
+
 def _jitter_in_groups(images, chosen, factors, order):
     """color_jitter's ops on a CPU, where copies cost more than kernel calls: the chosen images that drew the same
-    order form a group, gathered once (a lone image is worked on where it is), given its four ops in place and
-    written back, instead of gathering and scattering 16 subsets. The same result as _jitter_in_subsets
-    (tests/test_augment.py). Arguments as there."""
+    order form a group, gathered once (_apply), given its four ops in place and written back, instead of gathering
+    and scattering 16 subsets. The same result as _jitter_in_subsets (tests/test_augment.py). Arguments as there."""
     group = torch.where(chosen, (order * torch.tensor([64, 16, 4, 1])).sum(1), -1)  # the order as one number
-    factors = factors.to(images.dtype)
     for key in group.unique().tolist():
-        if key < 0:  # not chosen: left as they are
-            continue
-        rows = (group == key).nonzero().flatten().tolist()
-        x = images[rows[0]:rows[0] + 1] if len(rows) == 1 else torch.stack([images[i] for i in rows])
-        f = factors[rows]
-        for op in ((key >> shift) & 3 for shift in (6, 4, 2, 0)):  # ops (key >> 6) & 3, ..., key & 3, in order
-            out = _JITTER_OPS[op](x, f[:, op].view(-1, 1, 1, 1))
-            if out is not x:  # the hue shift makes a new tensor
-                x.copy_(out)
-        if len(rows) > 1:
-            for i, result in zip(rows, x):
-                images[i].copy_(result)
+        if key >= 0:  # -1: not chosen, left as they are
+            ops = [(key >> shift) & 3 for shift in (6, 4, 2, 0)]  # ops (key >> 6) & 3, ..., key & 3, in order
+            _apply(images, group == key, functools.partial(_jitter_in_order, ops), *factors.unbind(1), inplace=True)
     return images
 
 
