@@ -13,11 +13,11 @@ Sections (each prints one markdown table; a failure such as an OOM becomes a "fa
           (decode + DataAugmentationDINO, written here) as the yardstick, then ours: decode per core and in N loader
           workers, MultiCropAugment on the device, and both together.
 
-"ours" runs minivit.vit as written: kernels.attention (fused FlashAttention-style), kernels.patch_embed (one
-GEMM), kernels.layernorm (residual add + LayerNorm) and kernels.bias_gelu (fc1 bias + GELU) -- Triton on CUDA, their
+"ours" runs minivit.vit as written: minivit.kernels.attention (fused FlashAttention-style), minivit.kernels.patch_embed (one
+GEMM), minivit.kernels.layernorm (residual add + LayerNorm) and minivit.kernels.bias_gelu (fc1 bias + GELU) -- Triton on CUDA, their
 PyTorch references on a CPU. "plain" runs the very same model and weights with the kernel functions swapped, inside
 `plain_pytorch_kernels()`, for F.scaled_dot_product_attention, conv2d patch embedding, add + F.layer_norm,
-Linear-GELU-Linear and DINOLoss's PyTorch softmaxes (kernels.dino_loss's reference): the way timm builds a ViT. Timing: median over steps after warm-up (CUDA events on a GPU,
+Linear-GELU-Linear and DINOLoss's PyTorch softmaxes (minivit.kernels.dino_loss's reference): the way timm builds a ViT. Timing: median over steps after warm-up (CUDA events on a GPU,
 time.perf_counter on a CPU), fresh random inputs before every step (never zeros), peak memory from
 torch.cuda.max_memory_allocated. FLOPs are model FLOPs (2 per multiply-add of the matrix products, backward = 2x
 forward); bench/NOTES.md derives them by hand and compares with the H200's ~790 TFLOP/s bf16 dense.
@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from kernels import HAS_TRITON, interpreter_on, use_triton  # noqa: E402
-from kernels.bias_gelu import mlp_reference  # noqa: E402
-from kernels.dino_loss import dino_loss_reference  # noqa: E402
-from kernels.layernorm import add_layer_norm_reference, layer_norm_reference  # noqa: E402
-from kernels.patch_embed import patch_embed_reference, patch_embed_tokens_reference  # noqa: E402
+from minivit.kernels import HAS_TRITON, interpreter_on, use_triton  # noqa: E402
+from minivit.kernels.bias_gelu import mlp_reference  # noqa: E402
+from minivit.kernels.dino_loss import dino_loss_reference  # noqa: E402
+from minivit.kernels.layernorm import add_layer_norm_reference, layer_norm_reference  # noqa: E402
+from minivit.kernels.patch_embed import patch_embed_reference, patch_embed_tokens_reference  # noqa: E402
 from minivit import cli, dino, vit  # noqa: E402
 from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment  # noqa: E402
 from minivit.data import Photos, build_dataset, build_loader, load_photo  # noqa: E402
@@ -115,7 +115,7 @@ def counted_flops(fn):
 # ---------------------------------------------------------------------------------------------- the plain build
 
 def _sdpa(q, k, v, scale=None):
-    """kernels.attention's signature on F.scaled_dot_product_attention (FlashAttention-2/cuDNN/CPU flash)."""
+    """minivit.kernels.attention's signature on F.scaled_dot_product_attention (FlashAttention-2/cuDNN/CPU flash)."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
@@ -126,12 +126,12 @@ PLAIN = {"attention": _sdpa, "patch_embed": patch_embed_reference, "patch_embed_
 @contextlib.contextmanager
 def plain_pytorch_kernels():
     """Inside this context every minivit.vit model runs the plain-PyTorch way (timm's): conv2d patch embedding and
-    F.scaled_dot_product_attention instead of kernels.patch_embed / kernels.attention. Same modules, same weights:
+    F.scaled_dot_product_attention instead of minivit.kernels.patch_embed / minivit.kernels.attention. Same modules, same weights:
     vit.py looks these functions up in its module namespace at each call, so swapping them there is enough."""
     saved = {name: getattr(vit, name) for name in PLAIN if hasattr(vit, name)}
     if "attention" not in saved or len(saved) < 2:
         raise RuntimeError("minivit.vit no longer imports attention/patch_embed by name; update bench/bench.py's PLAIN")
-    saved_loss = dino.dino_loss  # DINOLoss: the PyTorch softmaxes instead of kernels.dino_loss
+    saved_loss = dino.dino_loss  # DINOLoss: the PyTorch softmaxes instead of minivit.kernels.dino_loss
     try:
         for name in saved:
             setattr(vit, name, PLAIN[name])
@@ -624,7 +624,7 @@ def header(plan, argv):
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     triton_version = importlib.metadata.version("triton") if HAS_TRITON else "absent"
-    ours = "Triton kernels" if use_triton(torch.empty(0, device=plan.device)) else "PyTorch references of kernels/"
+    ours = "Triton kernels" if use_triton(torch.empty(0, device=plan.device)) else "PyTorch references of minivit/kernels/"
     return ["## minivit benchmarks", "",
             f"- command: `python bench/bench.py {' '.join(argv)}`",
             f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, commit {commit}",

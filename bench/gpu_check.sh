@@ -44,17 +44,17 @@ timeout 180 python3 -m pytest -q -n 8 --maxfail=5 tests/test_attention.py tests/
 # 3. Kernels against every SDPA backend and conv2d (at N = 37 ours twice: the one-tile backward it picks, and the
 # blocked one forced: bench/NOTES.md sec. 8's prediction); 3b. the fused memory-bound kernels (add + LayerNorm, bias + GELU,
 # the DINO loss) against the unfused ops and torch.compile of them, GB/s vs the copy ceiling (bench/NOTES.md sec. 6).
-timeout 90 python3 -m kernels.bench --only attention --out "$OUT/kernels.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
-timeout 30 python3 -m kernels.bench --only patch_embed --out "$OUT/kernels_patch.md" 2>&1 | tee -a "$OUT/log.txt" \
+timeout 90 python3 bench/bench_kernels.py --only attention --out "$OUT/kernels.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
+timeout 30 python3 bench/bench_kernels.py --only patch_embed --out "$OUT/kernels_patch.md" 2>&1 | tee -a "$OUT/log.txt" \
     | tail -3
 for k in layernorm bias_gelu dino_loss; do
-    timeout 45 python3 -m kernels.bench --only $k --out "$OUT/kernels_$k.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
+    timeout 45 python3 bench/bench_kernels.py --only $k --out "$OUT/kernels_$k.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
 done
 if [ "${FULL:-0}" = 1 ]; then
 # 5. train_dino.py --compile: both backbones under torch.compile (inductor fuses LayerNorm, GELU, residual adds).
 timeout 200 python3 bench/bench.py --only dino --builds ours --compile --iters 20 --out "$OUT/dino_compile.md" \
     2>&1 | tee -a "$OUT/log.txt" | tail -12
-# 6. The attention tiles, swept (how kernels/attention.py's _tiles were chosen; recorded in bench/NOTES.md sec. 5).
+# 6. The attention tiles, swept (how minivit/kernels/attention.py's _tiles were chosen; recorded in bench/NOTES.md sec. 5).
 timeout 170 python3 bench/tune_attention.py 2>&1 | tee "$OUT/tune.md" | tail -14
 fi
 fi

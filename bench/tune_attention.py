@@ -1,8 +1,8 @@
-"""Sweep the tiles of kernels/attention.py on a GPU and print the fastest per kernel and shape (bf16, ViT-S heads).
+"""Sweep the tiles of minivit/kernels/attention.py on a GPU and print the fastest per kernel and shape (bf16, ViT-S heads).
 
     python3 bench/tune_attention.py            # ~2 min on an H200 (most of it compiling); prints a markdown table
 
-How `_tiles` in kernels/attention.py was chosen. Each kernel is swept on its own: the forward; then the dK/dV
+How `_tiles` in minivit/kernels/attention.py was chosen. Each kernel is swept on its own: the forward; then the dK/dV
 kernel with the dQ kernel at its current tiles; then the dQ kernel with the dK/dV kernel at its current tiles (the
 blocked backward is timed whole, forced also where N is short enough for the one-tile path, whose only knob is its
 warps; so differences between rows are the swept kernel's). q, k, v are views of one qkv tensor,
@@ -16,8 +16,8 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from kernels import attention as attn  # noqa: E402
-from kernels.bench import ATTENTION_SHAPES  # noqa: E402
+from minivit.kernels import attention as attn  # noqa: E402
+from bench_kernels import ATTENTION_SHAPES  # noqa: E402
 
 _TILES = attn._tiles  # the tile choice the sweep patches over and restores after each kernel
 
@@ -35,7 +35,7 @@ def main():
     print("| kernel | (B, H, N, D) | current ms | best ms | best (BLOCK_M, BLOCK_N, warps, stages) | top 3 |")
     print("|---|---|---:|---:|---|---|")
     for B, H, N, D in ATTENTION_SHAPES:
-        default = _TILES(D, dtype, N)  # BLOCK_D, fwd, dkdv, dq: what kernels/attention.py runs now
+        default = _TILES(D, dtype, N)  # BLOCK_D, fwd, dkdv, dq: what minivit/kernels/attention.py runs now
         qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         do = torch.randn(B, H, N, D, device="cuda", dtype=dtype)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.dino_loss import dino_loss
+from minivit.kernels.dino_loss import dino_loss
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -201,7 +201,7 @@ class DINOLoss(nn.Module):
         # Sum of H(P_t(x), P_s(x')) over the pairs of *different* views (eq. 3; same view: no signal, skipped): the
         # student's global view 0 meets teacher view 1, view 1 meets view 0, and every local view meets both, whose
         # cross-entropies add up to one with the summed targets: -(q0 + q1) . log p. 2 * ncrops - 2 pairs in all,
-        # averaged with the batch. In fp32, where 65536-way softmaxes keep their precision. kernels/dino_loss.py
+        # averaged with the batch. In fp32, where 65536-way softmaxes keep their precision. minivit/kernels/dino_loss.py
         # streams the logits without (ncrops * B, K) temporaries; its reference is this sum written in PyTorch.
         loss = dino_loss(student_output, teacher_output, self.center, self.ncrops, self.student_temp,
                          self.teacher_temp_at(epoch))

@@ -10,7 +10,7 @@ to D dimensions; a learned [class] token is prepended and a learned position emb
 
 y is the image feature (what DINO's k-NN and linear probes read); an optional linear `head` maps it to logits.
 Parameter names and shapes are exactly those of the official DINO / timm code, so their checkpoints load strictly.
-Hand-written Triton kernels (kernels/) run the patch projection, the fused attention, LayerNorm with the residual
+Hand-written Triton kernels (minivit/kernels/) run the patch projection, the fused attention, LayerNorm with the residual
 add before it, and fc1's bias with GELU.
 """
 import math
@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import attention
-from kernels.bias_gelu import mlp
-from kernels.layernorm import add_layer_norm, layer_norm
-from kernels.patch_embed import patch_embed, patch_embed_tokens
+from minivit.kernels.attention import attention
+from minivit.kernels.bias_gelu import mlp
+from minivit.kernels.layernorm import add_layer_norm, layer_norm
+from minivit.kernels.patch_embed import patch_embed, patch_embed_tokens
 
 LN_EPS = 1e-6  # LayerNorm epsilon of the official ViT/DINO code (PyTorch's default is 1e-5)
 
@@ -54,7 +54,7 @@ class ViTConfig:
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (Ba et al. 2016) that runs in its input's dtype, also under autocast, on one Triton kernel
-    (kernels/layernorm.py). Autocast would copy a bf16 input to fp32 first and keep that copy for the backward;
+    (minivit/kernels/layernorm.py). Autocast would copy a bf16 input to fp32 first and keep that copy for the backward;
     the kernel computes the mean and variance in fp32 whatever the input, so the copy buys nothing: without it a
     LayerNorm moves a third of the bytes. The kernel keeps only its output (which the next Linear keeps anyway) and
     one fp32 per row. The parameters stay fp32 (names and shapes as nn.LayerNorm's)."""
@@ -92,7 +92,7 @@ class PatchEmbed(nn.Module):
     """Split the image into p x p patches and project each to D dims (ViT eq. 1, the matrix E).
 
     `proj` stays an nn.Conv2d (stride = kernel = p) so that names and shapes match the official checkpoints,
-    but the forward runs one fused GEMM kernel (kernels/patch_embed.py) on its weight and bias."""
+    but the forward runs one fused GEMM kernel (minivit/kernels/patch_embed.py) on its weight and bias."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
         super().__init__()
@@ -139,7 +139,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """Two-layer MLP with exact (erf) GELU (ViT eq. 3): fc2(GELU(fc1(x))), hidden = mlp_ratio * D. fc1's bias and
-    GELU run as one kernel (kernels/bias_gelu.py) whose backward recomputes GELU instead of keeping its output."""
+    GELU run as one kernel (minivit/kernels/bias_gelu.py) whose backward recomputes GELU instead of keeping its output."""
 
     def __init__(self, dim, hidden_dim):
         super().__init__()

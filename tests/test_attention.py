@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from kernels import attention as attention_module
-from kernels.attention import _attn_backward, _attn_forward, _backward_path, attention, attention_reference
+from minivit.kernels import attention as attention_module
+from minivit.kernels.attention import _attn_backward, _attn_forward, _backward_path, attention, attention_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -137,7 +137,7 @@ def test_backward_paths_match_float64_reference(dtype, H, N, D, sharp, strided, 
 
 
 def test_backward_path_rule():
-    """The switch sits where kernels/attention.py says: the padded N times the padded D within one tile."""
+    """The switch sits where minivit/kernels/attention.py says: the padded N times the padded D within one tile."""
     bf16, fp32 = torch.bfloat16, torch.float32
     assert [_backward_path(N, 64, bf16) for N in (1, 37, 64, 65, 145, 197)] == ["tile"] * 3 + ["blocks"] * 3
     assert [_backward_path(N, 80, bf16) for N in (64, 65)] == ["tile", "blocks"]  # D = 80 runs as 128

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import script_env
 
-from kernels.attention import attention
+from minivit.kernels.attention import attention
 from bench import bench
 from minivit import vit
 from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper

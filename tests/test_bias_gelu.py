@@ -8,9 +8,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import nan_filled_empty
-from kernels import bias_gelu as module
-from kernels import use_triton
-from kernels.bias_gelu import bias_gelu, bias_gelu_reference, mlp, mlp_reference
+from minivit.kernels import bias_gelu as module
+from minivit.kernels import use_triton
+from minivit.kernels.bias_gelu import bias_gelu, bias_gelu_reference, mlp, mlp_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -8,9 +8,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import nan_filled_empty
-from kernels import dino_loss as module
-from kernels import use_triton
-from kernels.dino_loss import dino_loss, dino_loss_reference
+from minivit.kernels import dino_loss as module
+from minivit.kernels import use_triton
+from minivit.kernels.dino_loss import dino_loss, dino_loss_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

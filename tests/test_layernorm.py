@@ -9,8 +9,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import nan_filled_empty
-from kernels import use_triton
-from kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
+from minivit.kernels import use_triton
+from minivit.kernels.layernorm import add_layer_norm, add_layer_norm_reference, layer_norm, layer_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -119,7 +119,7 @@ def test_mixed_stream_and_branch_dtypes():
 def test_dispatch_and_reference_is_the_old_layernorm(monkeypatch, mode, kernel_runs):
     """MINIVIT_KERNELS=reference runs exactly F.layer_norm in the input dtype (minivit.vit.LayerNorm before the
     kernel); by default (CUDA, or the interpreter on CPU, as in these tests) the Triton launcher runs."""
-    from kernels import layernorm as module
+    from minivit.kernels import layernorm as module
     calls = []
     forward = module._forward
     monkeypatch.setattr(module, "_forward", lambda *a: calls.append(1) or forward(*a))
@@ -147,6 +147,6 @@ def test_bad_inputs_raise_value_error(args, match):
 
 def test_launch_helpers_trace_under_torch_compile():
     """train_dino.py --compile traces the launchers with dynamo: the block choice must trace as one graph."""
-    from kernels import layernorm as module
+    from minivit.kernels import layernorm as module
     traced = torch.compile(lambda M, D: module._block_sizes(M, D), fullgraph=True, backend="eager")
     assert traced(50432, 384) == module._block_sizes(50432, 384)

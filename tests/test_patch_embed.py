@@ -8,9 +8,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import nan_filled_empty
-from kernels import patch_embed as patch_embed_module
-from kernels import use_triton
-from kernels.patch_embed import (_dw_split, patch_embed, patch_embed_reference, patch_embed_tokens,
+from minivit.kernels import patch_embed as patch_embed_module
+from minivit.kernels import use_triton
+from minivit.kernels.patch_embed import (_dw_split, patch_embed, patch_embed_reference, patch_embed_tokens,
                                  patch_embed_tokens_reference)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,10 +1,10 @@
 """Benchmark of the hand-written kernels against what PyTorch offers; prints the table the README quotes.
 
-    python -m kernels.bench                    # GPU: ViT-S sizes in bf16; CPU: reference paths at small sizes
-    python -m kernels.bench --quick            # tiny sizes: a smoke test, well under a minute on a CPU
-    python -m kernels.bench --out bench.md     # also write the table as markdown
+    python bench/bench_kernels.py                    # GPU: ViT-S sizes in bf16; CPU: reference paths at small sizes
+    python bench/bench_kernels.py --quick            # tiny sizes: a smoke test, well under a minute on a CPU
+    python bench/bench_kernels.py --out bench.md     # also write the table as markdown
 
-Attention, (B, heads, N, head_dim) of ViT-S (6 heads of 64): ours (kernels.attention, the row names the backward
+Attention, (B, heads, N, head_dim) of ViT-S (6 heads of 64): ours (minivit.kernels.attention, the row names the backward
 path it picked; where that is the one-tile path a second row forces the blocked one, to show the gain), every
 F.scaled_dot_product_attention backend (flash, efficient, cuDNN, math; an unavailable one is listed with the
 reason) and the naive matmul-softmax-matmul. Non-causal FLOPs: forward 4*B*H*N*N*D (two matmuls of 2*N*N*D);
@@ -16,11 +16,11 @@ because, as in training, only the weights want gradients (images do not: no dx).
 
 Memory-bound fused ops (each its own table, ms and effective GB/s against the H200's ~4.3 TB/s copy ceiling; the
 bytes are the op's compulsory traffic, the same count for every row, so GB/s compares implementations):
-  layernorm  residual add + LayerNorm (kernels.layernorm) on ViT-S tokens, bf16: ours vs `x + branch` then
+  layernorm  residual add + LayerNorm (minivit.kernels.layernorm) on ViT-S tokens, bf16: ours vs `x + branch` then
              F.layer_norm vs torch.compile of those two ops;
-  bias_gelu  fc1 bias + exact GELU (kernels.bias_gelu) on ViT-S hidden units, bf16: ours vs F.gelu(h + b) vs
+  bias_gelu  fc1 bias + exact GELU (minivit.kernels.bias_gelu) on ViT-S hidden units, bf16: ours vs F.gelu(h + b) vs
              torch.compile of it; and the whole MLP (fc1, bias + GELU, fc2: GEMM-bound, ms only);
-  dino_loss  the DINO loss (kernels.dino_loss), B = 128, 2 + 8 crops, K = 65536, fp32 logits: ours vs DINOLoss's
+  dino_loss  the DINO loss (minivit.kernels.dino_loss), B = 128, 2 + 8 crops, K = 65536, fp32 logits: ours vs DINOLoss's
              PyTorch sum vs torch.compile of it.
 
 GPU times: triton.testing.do_bench, median over ~100 ms of runs after warm-up, L2 flushed between runs.
@@ -34,16 +34,20 @@ import time
 import warnings
 from unittest import mock
 
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, interpreter_on, triton, use_triton
-from kernels import attention as attention_module
-from kernels.attention import _backward_path, attention
-from kernels.bias_gelu import bias_gelu, bias_gelu_reference, mlp, mlp_reference
-from kernels.dino_loss import dino_loss, dino_loss_reference
-from kernels.layernorm import add_layer_norm, add_layer_norm_reference
-from kernels.patch_embed import patch_embed, patch_embed_tokens
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from minivit.kernels import HAS_TRITON, interpreter_on, triton, use_triton  # noqa: E402
+from minivit.kernels import attention as attention_module  # noqa: E402
+from minivit.kernels.attention import _backward_path, attention  # noqa: E402
+from minivit.kernels.bias_gelu import bias_gelu, bias_gelu_reference, mlp, mlp_reference  # noqa: E402
+from minivit.kernels.dino_loss import dino_loss, dino_loss_reference  # noqa: E402
+from minivit.kernels.layernorm import add_layer_norm, add_layer_norm_reference  # noqa: E402
+from minivit.kernels.patch_embed import patch_embed, patch_embed_tokens  # noqa: E402
 
 ATTENTION_SHAPES = [  # (B, H, N, D) for ViT-S: 6 heads of 64; N = 1 + patches (FACTS: 224 px -> 196+1 at /16)
     (256, 6, 197, 64),  # 224 px images at patch 16

@@ -29,7 +29,7 @@ bytes saved are time saved.
 import torch
 import torch.nn.functional as F
 
-from kernels import autocast_inputs, interpreter_on, tl, triton, use_triton
+from minivit.kernels import autocast_inputs, interpreter_on, tl, triton, use_triton
 
 
 @triton.jit
@@ -347,9 +347,3 @@ def patch_embed_tokens(x, weight, bias, cls_token, pos_embed):
     if not _kernel_ok(x):
         return patch_embed_tokens_reference(x, weight, bias, cls_token, pos_embed)
     return _PatchEmbed.apply(x, weight, bias, cls_token, pos_embed)
-
-
-if __name__ == "__main__":  # the benchmark lives with the attention one: python -m kernels.bench
-    from kernels.bench import main
-
-    main(["--only", "patch_embed"])

@@ -33,7 +33,7 @@ moves 8,280 x 6 x 384 + 4,728 x 2 x 384 = 23 MB less per image; bench/NOTES.md s
 import torch
 import torch.nn.functional as F
 
-from kernels import interpreter_on, split_rows, tl, triton, use_triton
+from minivit.kernels import interpreter_on, split_rows, tl, triton, use_triton
 
 
 @triton.jit
@@ -245,9 +245,3 @@ def add_layer_norm(x, branch, weight, bias, eps=1e-6, out_dtype=None):
 def layer_norm(x, weight, bias, eps=1e-6, out_dtype=None):
     """LayerNorm(x) over the last dim, in x's dtype (or out_dtype), fp32 statistics; keeps only y and rstd."""
     return add_layer_norm(x, None, weight, bias, eps, out_dtype)[1]
-
-
-if __name__ == "__main__":  # the benchmark lives with the others: python -m kernels.bench --only layernorm
-    from kernels.bench import main
-
-    main(["--only", "layernorm"])

@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import interpreter_on, num_sms, tl, triton, use_triton
+from minivit.kernels import interpreter_on, num_sms, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634  # exp(x) == exp2(x * LOG2E)
 _LN2 = tl.constexpr(math.log(2.0))  # ln(2): base-2 log-sum-exps back to natural log
@@ -209,9 +209,3 @@ def dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp):
                              f"{x.dtype}: cast, or set MINIVIT_KERNELS=reference")
     return _DINOLoss.apply(student.contiguous(), teacher.detach().contiguous(), center, ncrops,
                            float(student_temp), float(teacher_temp))
-
-
-if __name__ == "__main__":  # the benchmark lives with the others: python -m kernels.bench --only dino_loss
-    from kernels.bench import main
-
-    main(["--only", "dino_loss"])

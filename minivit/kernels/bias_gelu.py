@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels import autocast_inputs, interpreter_on, split_rows, tl, triton, use_triton
+from minivit.kernels import autocast_inputs, interpreter_on, split_rows, tl, triton, use_triton
 
 _INV_SQRT2 = tl.constexpr(1 / math.sqrt(2))
 _INV_SQRT2PI = tl.constexpr(1 / math.sqrt(2 * math.pi))
@@ -207,9 +207,3 @@ def mlp(x, w1, b1, w2, b2):
     h, b1, w2, b2 = autocast_inputs(h, b1, w2, b2)
     _kernel_ok(h, b1)
     return _BiasGeluLinear.apply(h, b1, w2.to(h.dtype), None if b2 is None else b2.to(h.dtype))
-
-
-if __name__ == "__main__":  # the benchmark lives with the others: python -m kernels.bench --only bias_gelu
-    from kernels.bench import main
-
-    main(["--only", "bias_gelu"])

@@ -47,7 +47,7 @@ this leaves dQ and dK a few units in the last place less accurate than the plain
 """
 import torch
 
-from kernels import interpreter_on, tl, triton, use_triton
+from minivit.kernels import interpreter_on, tl, triton, use_triton
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 _LOG2E = tl.constexpr(LOG2E)  # the same, as a compile-time constant the kernels can read
@@ -461,7 +461,7 @@ def attention(q, k, v, scale=None):
     views of a single qkv projection), any N >= 1, D <= 128. scale: a float, default D ** -0.5.
     Returns (B, H, N, D) in the input dtype; accumulation is in fp32. The kernels return a view of a (B, N, H, D)
     tensor, so that the heads' concatenation o.transpose(1, 2).reshape(B, N, H * D) is free. Runs the Triton
-    kernels where kernels.use_triton(q) says so (CUDA, or the interpreter on CPU), otherwise attention_reference.
+    kernels where minivit.kernels.use_triton(q) says so (CUDA, or the interpreter on CPU), otherwise attention_reference.
     """
     _check_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -480,32 +480,3 @@ def attention_reference(q, k, v, scale=None):
     compute = torch.promote_types(q.dtype, torch.float32)
     s = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * scale  # (B, H, N, N)
     return (s.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
-
-
-if __name__ == "__main__":
-    # python -m kernels.attention: milliseconds per call on ViT shapes, bf16, q, k, v as views of one qkv tensor
-    if not torch.cuda.is_available():
-        raise SystemExit("the benchmark needs a CUDA GPU (on CPU, pytest tests/test_attention.py checks the kernels)")
-    import torch.nn.functional as F
-    from triton.testing import do_bench
-
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, bfloat16")
-    print(f"{'model, tokens':<22}{'(B, H, N, D)':<20}{'pass':<9}{'this file':>10}{'reference':>10}{'torch SDPA':>11}")
-    shapes = {"ViT-S/16, 224 px": (64, 6, 197, 64), "ViT-S/8, 224 px": (64, 6, 785, 64),
-              "ViT-B/16, 224 px": (64, 12, 197, 64), "ViT-H/14, 224 px": (32, 16, 257, 80)}
-    for name, (B, H, N, D) in shapes.items():
-        qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        do = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
-        fns = {"this file": attention, "reference": attention_reference, "torch SDPA": F.scaled_dot_product_attention}
-        for label, backward in (("fwd", False), ("fwd+bwd", True)):
-            times = []
-            for fn in fns.values():
-                def step():
-                    with torch.set_grad_enabled(backward):
-                        q, k, v = qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
-                        o = fn(q, k, v)
-                    if backward:
-                        o.backward(do)
-                times.append(do_bench(step, grad_to_none=[qkv]))
-            print(f"{name:<22}{str((B, H, N, D)):<20}{label:<9}" + "".join(f"{t:>10.3f}" for t in times[:2])
-                  + f"{times[2]:>11.3f}")
