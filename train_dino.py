@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file as save_safetensors
 
-from minivit import cli, training
+from minivit import checkpoint, cli, distributed, training
 from minivit.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure
 from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCropAugment
 from minivit.data import ShapesDataset, build_dataset, build_loader, describe
@@ -268,7 +268,7 @@ def main(argv=None):
         if family == "vit" and args.drop_path_rate >= 1:
             raise ValueError(f"--drop_path_rate {args.drop_path_rate} would drop every block: use a value below 1")
         training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
-        info = training.setup_distributed(args.device)
+        info = distributed.setup_distributed(args.device)
         augment = MultiCropAugment(args.global_crop_size, args.local_crop_size, args.local_crops_number,
                                    tuple(args.global_crops_scale), tuple(args.local_crops_scale), args.color_jitter,
                                    args.color_jitter_p)
@@ -288,10 +288,10 @@ def main(argv=None):
                 knn_sets = (build_dataset(args.data, "train"), build_dataset(args.data, "test"))  # eval views
             except ValueError as e:  # e.g. imagenet/train: labelled, but no held-out split beside it
                 knn_sets = None
-                training.print0(f"note: no k-NN evaluation ({e}); pass --knn_data with train/ and val/")
+                distributed.print0(f"note: no k-NN evaluation ({e}); pass --knn_data with train/ and val/")
         precision = training.resolve_precision(args.precision, info.device)
-        out = training.make_output_dir(args.output_dir)
-        training.lock_output_dir(out)  # a second run on the same folder stops here
+        out = checkpoint.make_output_dir(args.output_dir)
+        checkpoint.lock_output_dir(out)  # a second run on the same folder stops here
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     device, rank, world = info.device, info.rank, info.world_size
@@ -300,7 +300,7 @@ def main(argv=None):
         raise SystemExit(f"error: {ckpt_path} exists: add --resume to continue it, or pick another --output_dir")
     if args.resume:  # checked now, before building anything; loaded into the models below
         try:
-            state = training.load_checkpoint(ckpt_path, kind="dino", arch=args.arch)
+            state = checkpoint.load_checkpoint(ckpt_path, kind="dino", arch=args.arch)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}")
         for key in ("out_dim", "use_bn_in_head", "norm_last_layer", "global_crop_size"):  # parameter shapes
@@ -308,8 +308,8 @@ def main(argv=None):
                 raise SystemExit(f"error: {ckpt_path} was trained with --{key} {state['args'].get(key)}, not "
                                  f"{getattr(args, key)}; pass --{key} {state['args'].get(key)} to resume it")
     if offline:
-        training.print0(preset_line(args))
-    training.print0(f"{describe(train_set)}; {world} process(es) on {device}, {precision}; args: {vars(args)}")
+        distributed.print0(preset_line(args))
+    distributed.print0(f"{describe(train_set)}; {world} process(es) on {device}, {precision}; args: {vars(args)}")
 
     # ------------------------------------------------------------------------------------------ data and models
     try:
@@ -329,7 +329,7 @@ def main(argv=None):
                                                       norm_last_layer=args.norm_last_layer))
     teacher = MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, use_bn=args.use_bn_in_head))
     # any BatchNorm (a ResNet's, the head's with --use_bn_in_head): statistics over the global batch, as official
-    student, teacher = training.sync_batchnorm(student, info), training.sync_batchnorm(teacher, info)
+    student, teacher = distributed.sync_batchnorm(student, info), distributed.sync_batchnorm(teacher, info)
     student, teacher = student.to(device), teacher.to(device)
     teacher.load_state_dict(student.state_dict())  # the teacher starts as the student and gets no gradients
     teacher.requires_grad_(False)
@@ -338,8 +338,8 @@ def main(argv=None):
         teacher.compile_backbone()
     student_ddp = (nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                        else None) if info.distributed else student)
-    training.seed_everything(args.seed, rank)  # from here each process draws its own drop-path masks
-    training.print0(f"student and teacher: {args.arch} + DINOHead(K={args.out_dim}), "
+    distributed.seed_everything(args.seed, rank)  # from here each process draws its own drop-path masks
+    distributed.print0(f"student and teacher: {args.arch} + DINOHead(K={args.out_dim}), "
                     f"{training.count_parameters(student) / 1e6:.1f}M parameters each")
 
     try:  # 2 global + local crops: 2 * ncrops - 2 cross-entropy terms (DINO eq. 3)
@@ -369,9 +369,9 @@ def main(argv=None):
         if state["fp16_scaler"]:
             scaler.load_state_dict(state["fp16_scaler"])
         start_epoch, baselines = state["epoch"], state["knn_baselines"]
-        if not training.set_rng_state(state["rng"]):
-            training.print0(f"note: saved by {len(state['rng'])} processes, now {world}: fresh random streams")
-        training.print0(f"resumed {ckpt_path} at epoch {start_epoch}")
+        if not checkpoint.set_rng_state(state["rng"]):
+            distributed.print0(f"note: saved by {len(state['rng'])} processes, now {world}: fresh random streams")
+        distributed.print0(f"resumed {ckpt_path} at epoch {start_epoch}")
         training.trim_log(out / "log.jsonl", start_epoch)  # killed after logging an epoch but before saving it
 
     if family == "vit":  # fixed images for the attention maps, and the objects' masks for a Jaccard index (shapes)
@@ -386,7 +386,7 @@ def main(argv=None):
                          raw_pixels=knn_top1(nn.Flatten(), knn_sets, args, device))
         teacher.train()
         logger.log(epoch=0, knn_top1=baselines["random_init"], knn_raw_pixels=baselines["raw_pixels"])
-        training.print0(f"k-NN baselines (k=20): random-init {args.arch} {baselines['random_init']:.1f}%, "
+        distributed.print0(f"k-NN baselines (k=20): random-init {args.arch} {baselines['random_init']:.1f}%, "
                         f"raw pixels {baselines['raw_pixels']:.1f}%")
     if start_epoch == 0 and family == "vit" and info.is_main:  # the maps before training, to compare with the end
         attention_figures(teacher.backbone, att_images, att_masks, out / "attention", 0)
@@ -420,7 +420,7 @@ def main(argv=None):
                 # every view goes through the student
                 student_output, student_features = student_ddp(crops, return_features=True)
                 if log_now:  # with the centre this loss uses: the call below moves it
-                    stats = {k: training.all_reduce_mean(v).item()
+                    stats = {k: distributed.all_reduce_mean(v).item()
                              for k, v in dino_loss.collapse_stats(teacher_output, epoch).items()}
                 loss = total = dino_loss(student_output, teacher_output, epoch)
                 if args.koleo_weight:  # DINOv2's regulariser, per global view (its features come first)
@@ -443,10 +443,10 @@ def main(argv=None):
                               entropy=stats["entropy"], kl_unif=stats["kl_to_uniform"])),
                           **({"koleo": koleo.item()} if log_now and args.koleo_weight else {}))
             if log_now and epoch >= args.freeze_last_layer and min(losses[-1], stats["entropy"]) > 0.95 * ln_k:
-                training.print0(f"collapse? loss {losses[-1]:.3f} and teacher entropy {stats['entropy']:.3f} are "
+                distributed.print0(f"collapse? loss {losses[-1]:.3f} and teacher entropy {stats['entropy']:.3f} are "
                                 f"near ln(K) = {ln_k:.3f} (uniform); try a lower --teacher_temp")
             if log_now and stats["kl_to_uniform"] > 0.95 * ln_k:
-                training.print0(f"collapse? KL(mean target || uniform) {stats['kl_to_uniform']:.3f} near ln(K): "
+                distributed.print0(f"collapse? KL(mean target || uniform) {stats['kl_to_uniform']:.3f} near ln(K): "
                                 "one prototype wins for every image")
 
         # ------------------------------------------------------------------ evaluate, checkpoint, log, plot
@@ -466,15 +466,15 @@ def main(argv=None):
         state = dict(kind="dino", epoch=epoch + 1, args=vars(args), dino_loss=dino_loss.state_dict(),
                      student={"module." + k: v for k, v in student.state_dict().items()},  # as official DDP's
                      teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                     fp16_scaler=scaler.state_dict(), knn_baselines=baselines, rng=training.rng_state())
-        training.save_checkpoint(ckpt_path, state)
+                     fp16_scaler=scaler.state_dict(), knn_baselines=baselines, rng=checkpoint.rng_state())
+        checkpoint.save_checkpoint(ckpt_path, state)
         if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            training.save_checkpoint(out / f"checkpoint{epoch:04}.pth", state)
+            checkpoint.save_checkpoint(out / f"checkpoint{epoch:04}.pth", state)
         logger.log(record)
         if info.is_main:
             keys = ["train_loss", "teacher_entropy", "kl_to_uniform"] + (["knn_top1"] if knn_sets else [])
             training.plot_curves(out / "log.jsonl", out / "curves.png", keys)
-        training.print0(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(
+        distributed.print0(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(
             f"{k} {v:.4g}" for k, v in record.items() if k in ("train_loss", "teacher_entropy", "knn_top1",
                                                                 "attn_jaccard")))
 
@@ -485,14 +485,14 @@ def main(argv=None):
         # the same tensors as safetensors: loading it runs no code (minivit/hf.py), what the Hugging Face Hub holds
         save_safetensors({k: v.contiguous() for k, v in teacher.backbone.state_dict().items()}, tmp)
         os.replace(tmp, out / "teacher_backbone.safetensors")
-    training.print0(f"done in {training.format_time(time.time() - start_time)}; wrote {out}/teacher_backbone.pth")
+    distributed.print0(f"done in {training.format_time(time.time() - start_time)}; wrote {out}/teacher_backbone.pth")
     if top1 is not None:
         line = f"k-NN top-1 (k=20, T=0.07) on {describe(knn_sets[1])}: DINO teacher {top1:.1f}%"
         if baselines:
             line += (f" | random-init {args.arch} {baselines['random_init']:.1f}% | raw pixels "
                      f"{baselines['raw_pixels']:.1f}%")
-        training.print0(line)
-    training.cleanup_distributed()
+        distributed.print0(line)
+    distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from minivit import cli, training
+from minivit import checkpoint, cli, distributed, training
 from minivit.augment import EvalTransform, SupervisedAugment
 from minivit.data import build_dataset, build_loader, describe
 from minivit.models import arch_family, build_model, load_pretrained
@@ -108,19 +108,19 @@ for k, v in applied.items():
     setattr(args, k, v)
 if recipe is OFFLINE and applied:
     flags = (f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}" for k, v in applied.items())
-    training.print0(f"offline defaults: {' '.join(flags)}")
+    distributed.print0(f"offline defaults: {' '.join(flags)}")
 check_flags(parser, args, probability=("momentum",))  # nonsense numbers stop here
 with cli.errors():  # bad flags, folders and files end here with a one-line error
     if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
         raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
     training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
-    info = training.setup_distributed(args.device)
+    info = distributed.setup_distributed(args.device)
     precision = training.resolve_precision(args.precision, info.device)
-    out = training.make_output_dir(args.output_dir)
-    training.lock_output_dir(out)  # a second run on the same folder stops here
-    seed = training.seed_everything(args.seed, info.rank)
+    out = checkpoint.make_output_dir(args.output_dir)
+    checkpoint.lock_output_dir(out)  # a second run on the same folder stops here
+    seed = distributed.seed_everything(args.seed, info.rank)
     generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint
-training.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
+distributed.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
 
 # ------------------------------------------------------------------------------- data, model, optimizer, schedules
 with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
@@ -129,7 +129,7 @@ with cli.errors():  # a missing folder, a batch larger than the data set, weight
     train_set = subset(build_dataset(args.data, "train", args.load_size, augment.min_pixels), args.train_fraction,
                        args.seed)
     test_set = build_dataset(args.data, "test", args.load_size)
-    training.print0(f"train {describe(train_set)}\ntest  {describe(test_set)}")
+    distributed.print0(f"train {describe(train_set)}\ntest  {describe(test_set)}")
     train_loader = build_loader(train_set, args.batch_size, shuffle=True, drop_last=True,
                                 num_workers=args.num_workers, seed=args.seed, distributed=info.distributed)
     test_loader = build_loader(test_set, args.batch_size, shuffle=False, drop_last=False,
@@ -141,7 +141,7 @@ with cli.errors():  # a missing folder, a batch larger than the data set, weight
     model = build_model(args.arch, num_classes=train_set.num_classes, small_stem=args.small_stem,
                         zero_init_residual=args.zero_init_residual)
     if args.pretrained:
-        training.print0(f"pretrained {args.pretrained}: {load_pretrained(model, args.pretrained, args.trust_pickle)}")
+        distributed.print0(f"pretrained {args.pretrained}: {load_pretrained(model, args.pretrained, args.trust_pickle)}")
     # channels_last: cuDNN's fastest convolutions (tensor cores) want NHWC; on the CPU it does not pay
     memory_format = torch.channels_last if info.device_type == "cuda" else torch.contiguous_format
     if args.sync_bn and info.distributed:
@@ -156,7 +156,7 @@ with cli.errors():  # a missing folder, a batch larger than the data set, weight
                                 momentum=args.momentum, nesterov=args.nesterov)
     lr_schedule = training.cosine_schedule(lr, args.min_lr, args.epochs, steps, args.warmup_epochs)
     wd_schedule = np.full(args.epochs * steps, args.weight_decay)  # constant, as in torchvision
-training.print0(f"{args.arch}: {training.count_parameters(raw_model) / 1e6:.2f}M parameters; {args.epochs} epochs "
+distributed.print0(f"{args.arch}: {training.count_parameters(raw_model) / 1e6:.2f}M parameters; {args.epochs} epochs "
                 f"of {steps} steps, {global_batch} images a step, peak lr {lr:.2e}")
 
 scaler = training.make_grad_scaler(info.device, precision)
@@ -186,16 +186,16 @@ for epoch in range(start_epoch, end_epoch):
     if epoch + 1 == args.epochs or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
         test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
         record.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
-        training.print0(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f} | test loss "
+        distributed.print0(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f} | test loss "
                         f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
                         f"{train['images_per_s']:.0f} img/s")
     logger.log(record)
-    training.save_checkpoint(ckpt_path, {"kind": KIND, "model": raw_model.state_dict(), "epoch": epoch + 1,
+    checkpoint.save_checkpoint(ckpt_path, {"kind": KIND, "model": raw_model.state_dict(), "epoch": epoch + 1,
                                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                         "args": vars(args), "rng": training.rng_state({"augment": generator})})
+                                         "args": vars(args), "rng": checkpoint.rng_state({"augment": generator})})
 if end_epoch < args.epochs:
-    training.print0(f"stopped after epoch {end_epoch} of {args.epochs} (--stop_after); continue with --resume")
-    training.cleanup_distributed()
+    distributed.print0(f"stopped after epoch {end_epoch} of {args.epochs} (--stop_after); continue with --resume")
+    distributed.cleanup_distributed()
     sys.exit(0)
 
 # ------------------------------------------------------------------------------------------------- final report
@@ -204,5 +204,5 @@ if test is None:  # a finished run resumed: nothing was trained, report its test
 if info.is_main:
     training.plot_curves(log_path, out / "curves.png", ["train_loss", "test_loss", "test_top1", "lr"])
     write_results(out / "results.json", args, test, raw_model, train_set, log_path, info, precision)
-training.print0(f"test top-1 {test['top1']:.1f}% top-5 {test['top5']:.1f}%")
-training.cleanup_distributed()
+distributed.print0(f"test top-1 {test['top1']:.1f}% top-5 {test['top5']:.1f}%")
+distributed.cleanup_distributed()

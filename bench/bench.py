@@ -53,7 +53,8 @@ from minivit.data import Photos, build_dataset, build_loader, load_photo  # noqa
 from minivit.photo_folder import make_photo_folder  # noqa: E402
 from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper, clip_gradients, update_teacher  # noqa: E402
 from minivit.models import build_model  # noqa: E402
-from minivit.training import keep_freed_memory, param_groups, pick_device  # noqa: E402
+from minivit.distributed import pick_device  # noqa: E402
+from minivit.training import keep_freed_memory, param_groups  # noqa: E402
 
 SECTIONS = ("vit", "resnet", "dino", "data")
 GIB = 2 ** 30

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from minivit import cli, training
+from minivit import checkpoint, cli, distributed
 
 
 @torch.no_grad()
@@ -142,9 +142,9 @@ def main(argv=None):
         if not os.path.isfile(path):
             cli.fail(f"--image {path}: no such file; check the path")
     with cli.errors():
-        device = training.pick_device(args.device)
+        device = distributed.pick_device(args.device)
         if not args.html:
-            training.make_output_dir(args.output_dir)
+            checkpoint.make_output_dir(args.output_dir)
     model = load_backbone(args.arch, args.weights, args.patch_size, trust_pickle=args.trust_pickle)
     model.to(device).requires_grad_(False).eval()
     args.device = device

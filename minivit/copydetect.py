@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
-from minivit import cli, training
+from minivit import checkpoint, cli, distributed
 from minivit.segmentation import build_backbones, parse_weights
 
 
@@ -285,8 +285,8 @@ def main(argv=None):
                    non_negative=("num_distractors", "seed"))
 
     with cli.errors():
-        device = training.pick_device(args.device)
-        training.make_output_dir(args.output_dir)
+        device = distributed.pick_device(args.device)
+        checkpoint.make_output_dir(args.output_dir)
     image_size = args.image_size or {"shapes": 64, "shapes_plain": 64, "digits": 32}.get(args.data, 224)
     models = build_backbones(args.arch, parse_weights(args.weights), device, args.trust_pickle, img_size=image_size,
                              patch_size=args.patch_size)

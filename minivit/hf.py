@@ -225,7 +225,7 @@ def export_hf(model, folder) -> str:
     Returns the folder."""
     from safetensors.torch import save_file
 
-    from minivit.training import unwrap_model
+    from minivit.checkpoint import unwrap_model
     from minivit.vit import VisionTransformer
 
     model = unwrap_model(model)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minivit import cli, training
+from minivit import cli, distributed
 
 
 @torch.no_grad()  # not inference_mode: a linear probe may train on these, and autograd refuses inference tensors
@@ -30,7 +30,7 @@ def extract_features(model, loader, device, transform, chunk_size=256):
     Returns (features float32 (N, D) on `device`, unit rows; labels int64 (N,) on `device`). Under torch.distributed
     the loader must use an unshuffled DistributedSampler; every process then gets all N features, in dataset order.
     The model runs in fp32, as the official evaluation, with autocast switched off even when the caller is inside
-    one (on GPUs matmuls may still use TF32 where training.setup_distributed allowed it, ~1e-3 relative).
+    one (on GPUs matmuls may still use TF32 where distributed.setup_distributed allowed it, ~1e-3 relative).
     """
     was_training = model.training  # train_dino.py evaluates its teacher mid-training: hand it back as it was
     model.eval()
@@ -186,7 +186,7 @@ def main(argv=None):
     from minivit.data import build_dataset, describe
 
     with cli.errors():
-        device = training.pick_device(args.device)
+        device = distributed.pick_device(args.device)
         train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
     if max(args.k) > len(train_set):
         cli.fail(f"--k {max(args.k)} is larger than the {len(train_set)} training images; pick k <= {len(train_set)}")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minivit import cli, training
+from minivit import cli, distributed
 
 
 class LinearClassifier(nn.Module):
@@ -64,7 +64,7 @@ def dino_probe_recipe(model):
 def image_batches(model, loader, device, transform, n_last_blocks=4, avgpool_patchtokens=False):
     """Yield (probe features (B, F) float32, labels (B,)) from a loader of uint8 images, through `transform` (an
     augmentation or the eval view) and the frozen backbone, no gradients, in fp32 as the official probe (autocast
-    off even inside a caller's; GPU matmuls may use TF32 where training.setup_distributed allowed it)."""
+    off even inside a caller's; GPU matmuls may use TF32 where distributed.setup_distributed allowed it)."""
     model.eval()  # BatchNorm statistics and drop path stay frozen too
     fp32 = torch.autocast(torch.device(device).type, enabled=False)
     for images, labels in loader:
@@ -156,7 +156,7 @@ def main(argv=None):
     from minivit.knn import eval_transform, load_backbone
 
     with cli.errors():
-        args.device = training.pick_device(args.device)
+        args.device = distributed.pick_device(args.device)
         train_set, test_set = build_dataset(args.data, "train"), build_dataset(args.data, "test")
     torch.manual_seed(args.seed)
     model = load_backbone(args.arch, args.weights, args.patch_size, args.small_stem, args.trust_pickle)

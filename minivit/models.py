@@ -18,7 +18,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from minivit import hf, resnet, training, vit
+from minivit import checkpoint, hf, resnet, vit
 
 # arch string -> factory; "/16" in ViT-S/16 is the patch size (ViT Table 1, DINO Table 2)
 ARCHS = {
@@ -150,14 +150,14 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict, trust_pickle: bo
     load itself is strict. A Hugging Face ViT folder (config.json + model.safetensors) or a .safetensors file is
     read by minivit/hf.py first: names mapped onto these, config.json checked against the model.
 
-    Any other path is read by training.torch_load: tensors and plain containers only (official DINO files' argparse
+    Any other path is read by checkpoint.torch_load: tensors and plain containers only (official DINO files' argparse
     Namespace too); a file with other pickled objects is refused unless trust_pickle=True, since unpickling them
     can run code.
     """
     dropped, notes = [], []
     if hf.is_hf_path(path_or_state_dict):  # a Hugging Face folder or a .safetensors file: names mapped, config checked
         path_or_state_dict, dropped, notes = hf.read_hf(path_or_state_dict, model)
-    ckpt = (training.torch_load(path_or_state_dict, trust_pickle)
+    ckpt = (checkpoint.torch_load(path_or_state_dict, trust_pickle)
             if isinstance(path_or_state_dict, (str, os.PathLike)) else path_or_state_dict)
     if not isinstance(ckpt, dict):
         raise ValueError(f"expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}")

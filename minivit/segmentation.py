@@ -23,7 +23,7 @@ import os
 import numpy as np
 import torch
 
-from minivit import cli, training
+from minivit import checkpoint, cli, distributed
 from minivit.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure, upsample
 
 VOID = 255  # PASCAL VOC's label for object borders and unlabelled pixels
@@ -300,8 +300,8 @@ def main(argv=None):
     if not shapes and not os.path.isdir(args.data):
         cli.fail(f"--data {args.data}: no such folder; give 'shapes', 'shapes_plain' or a PASCAL VOC-style folder")
     with cli.errors():
-        device = training.pick_device(args.device)
-        training.make_output_dir(args.output_dir)
+        device = distributed.pick_device(args.device)
+        checkpoint.make_output_dir(args.output_dir)
     image_size = args.image_size or (64 if shapes else 480)
     models = build_backbones(args.arch, parse_weights(args.weights), device, args.trust_pickle, img_size=image_size,
                              patch_size=args.patch_size)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from minivit import cli, training
+from minivit import checkpoint, cli, distributed, training
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -220,7 +220,7 @@ def resume(checkpoint_path, kind: str, args, must_match, model, optimizer, scale
     """Continue a run exactly: load checkpoint_path (written by the same script, `kind`, with the same --arch and
     the flags in `must_match`) into model, optimizer, scaler and the RNG streams. -> the epoch to start from."""
     with cli.errors():
-        state = training.load_checkpoint(checkpoint_path, kind=kind, arch=args.arch)
+        state = checkpoint.load_checkpoint(checkpoint_path, kind=kind, arch=args.arch)
     changed = [f"--{k} {state['args'].get(k)} (now {getattr(args, k)})" for k in must_match
                if state["args"].get(k) != getattr(args, k)]
     if changed:
@@ -229,9 +229,9 @@ def resume(checkpoint_path, kind: str, args, must_match, model, optimizer, scale
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    if not training.set_rng_state(state["rng"], {"augment": generator}):
-        training.print0("note: the checkpoint comes from another number of processes; random streams start afresh")
-    training.print0(f"resumed {checkpoint_path} after epoch {state['epoch']}")
+    if not checkpoint.set_rng_state(state["rng"], {"augment": generator}):
+        distributed.print0("note: the checkpoint comes from another number of processes; random streams start afresh")
+    distributed.print0(f"resumed {checkpoint_path} after epoch {state['epoch']}")
     return state["epoch"]
 
 

@@ -2,7 +2,6 @@
 its kernels, `minivit.kernels`) imports from another folder and its command lines run, beside the current Hugging Face
 packages. Offline: --no-build-isolation uses this environment's setuptools (the `test` extra asks for one that builds
 wheels without the `wheel` package), --no-deps this machine's torch (a --system-site-packages venv sees it)."""
-import importlib.metadata
 import os
 import shutil
 import sys

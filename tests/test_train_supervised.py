@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import run_command, script_env
-from minivit import cli, training
+from minivit import checkpoint, cli, training
 from minivit.data import build_dataset, describe
 from minivit.supervised import cutmix, evaluate, mix_batch, mixup, subset, train_one_epoch
 
@@ -67,7 +67,7 @@ def test_resnet_smoke_run(resnet_run):
     results = check_finished_run(proc, out, "resnet18", epochs=2)
     assert results["params"] == 11_173_962  # ResNet-18 with a 10-class fc and the 3x3 stem
     assert "offline defaults:" in proc.stdout and "--small_stem " in proc.stdout
-    state = training.load_checkpoint(out / "checkpoint.pt", kind="resnet", arch="resnet18")
+    state = checkpoint.load_checkpoint(out / "checkpoint.pt", kind="resnet", arch="resnet18")
     assert state["epoch"] == 2 and state["model"]["conv1.weight"].shape == (64, 3, 3, 3)
 
 
@@ -77,7 +77,7 @@ def test_vit_smoke_run(tmp_path):
     results = check_finished_run(proc, tmp_path, "vit_ti16", epochs=2)
     per_class = np.bincount(build_dataset("digits", "train", 8).targets)
     assert results["train_fraction"] == 0.5 and results["train_images"] == sum(round(n / 2) for n in per_class)
-    state = training.load_checkpoint(tmp_path / "checkpoint.pt", kind="vit")
+    state = checkpoint.load_checkpoint(tmp_path / "checkpoint.pt", kind="vit")
     assert state["model"]["patch_embed.proj.weight"].shape == (192, 3, 4, 4)
 
 

@@ -14,12 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import run_command, script_env
-from minivit.training import (
-    JsonlLogger, Progress, all_reduce_mean, autocast_context, check_finite, cpu_has_fast_bf16, cosine_schedule, count_parameters,
-    expand_nodelist, format_time, load_checkpoint, make_grad_scaler, make_output_dir, param_groups, plot_curves, print0,
-    read_jsonl, resolve_precision, rng_state, save_checkpoint, seed_everything, set_rng_state, set_schedules,
-    setup_distributed, slurm_environment, unwrap_model,
-)
+from minivit.checkpoint import load_checkpoint, make_output_dir, rng_state, save_checkpoint, set_rng_state, unwrap_model
+from minivit.distributed import (all_reduce_mean, expand_nodelist, print0, seed_everything, setup_distributed,
+                                 slurm_environment)
+from minivit.training import (JsonlLogger, Progress, autocast_context, check_finite, cpu_has_fast_bf16,
+                              cosine_schedule, count_parameters, format_time, make_grad_scaler, param_groups,
+                              plot_curves, read_jsonl, resolve_precision, set_schedules)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -300,8 +300,9 @@ def test_plot_curves_writes_a_png(tmp_path):
 DIST_SCRIPT = """
 import json, random, sys
 import torch
-from minivit.training import (all_reduce_mean, check_finite, cleanup_distributed, print0, rng_state,
-                              seed_everything, set_rng_state, setup_distributed)
+from minivit.checkpoint import rng_state, set_rng_state
+from minivit.distributed import all_reduce_mean, cleanup_distributed, print0, seed_everything, setup_distributed
+from minivit.training import check_finite
 
 info = setup_distributed("cpu")
 seed_everything(0, info.rank)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import run_command, script_env
-from minivit import training
+from minivit import checkpoint, distributed, training
 from minivit.data import ImageFolderDataset, build_dataset
 from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper
 from minivit.knn import extract_features
@@ -48,7 +48,7 @@ def test_payload_is_refused_and_never_runs_and_trust_pickle_opts_in(tmp_path):
         with pytest.raises(ValueError, match=r"holds pickled objects .*\(.*open.*\): refused.*--trust_pickle"):
             load_pretrained(model, path)
         with pytest.raises(ValueError, match="refused"):
-            training.load_checkpoint(path)
+            checkpoint.load_checkpoint(path)
     assert not marker.exists()
     with pytest.warns(UserWarning, match="trust_pickle"):
         report = load_pretrained(model, zip_file, trust_pickle=True)  # the user's explicit choice: it runs
@@ -129,18 +129,18 @@ def test_sigkill_during_save_keeps_the_last_checkpoint_and_resume_continues(tmp_
         if proc.poll() is None:
             proc.kill()
     assert list(tmp_path.glob(".checkpoint.pt.*.tmp")), "the killed save left no partial file (test broken)"
-    assert training.load_checkpoint(tmp_path / "checkpoint.pt", kind="vit")["epoch"] == 1
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint.pt", kind="vit")["epoch"] == 1
     resumed = run([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed {tmp_path / 'checkpoint.pt'} after epoch 1" in resumed.stdout
-    assert training.load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
     assert not list(tmp_path.glob(".checkpoint.pt.*.tmp"))  # the next save cleared the partial file
     assert [r["epoch"] for r in training.read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
 
 
 def test_a_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    training.save_checkpoint(path, {"kind": "vit", "epoch": 1})
+    checkpoint.save_checkpoint(path, {"kind": "vit", "epoch": 1})
     real_mkstemp = tempfile.mkstemp
 
     def onto_full_disk(dir=None, prefix=None, suffix=None):  # the temp file's name, but its writes hit /dev/full
@@ -148,38 +148,38 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, m
         os.close(fd)
         return os.open("/dev/full", os.O_WRONLY), name
 
-    monkeypatch.setattr(training.tempfile, "mkstemp", onto_full_disk)
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", onto_full_disk)
     with pytest.raises(SystemExit, match=r"^error: could not write .*No space left on device; the last good "
                                          r"checkpoint is kept at .*--resume$"):
-        training.save_checkpoint(path, {"kind": "vit", "epoch": 2, "weights": torch.zeros(10000)})
-    assert training.load_checkpoint(path)["epoch"] == 1
+        checkpoint.save_checkpoint(path, {"kind": "vit", "epoch": 2, "weights": torch.zeros(10000)})
+    assert checkpoint.load_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
 def test_an_unwritable_output_folder_is_one_line_before_training(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="is not writable"):
-        training.make_output_dir(tmp_path / "a_file" / "run")
+        checkpoint.make_output_dir(tmp_path / "a_file" / "run")
 
     def read_only(*args, **kwargs):  # root may write anywhere; a read-only mount refuses like this
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(training.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(checkpoint.tempfile, "TemporaryFile", read_only)
     with pytest.raises(ValueError, match=r"--output_dir .* is not writable \(Permission denied\)"):
-        training.make_output_dir(tmp_path / "run")
+        checkpoint.make_output_dir(tmp_path / "run")
     monkeypatch.undo()
     gone = tmp_path / "gone"  # the folder vanished mid-run: the save stops in one line
     with pytest.raises(SystemExit, match="^error: could not write .*no checkpoint was saved yet"):
-        training.save_checkpoint(gone / "checkpoint.pt", {"kind": "vit"})
+        checkpoint.save_checkpoint(gone / "checkpoint.pt", {"kind": "vit"})
 
 
 def test_two_runs_on_one_output_folder(tmp_path):
-    training.lock_output_dir(tmp_path)
-    training.lock_output_dir(tmp_path)  # the same process again (a second main() call): allowed
+    checkpoint.lock_output_dir(tmp_path)
+    checkpoint.lock_output_dir(tmp_path)  # the same process again (a second main() call): allowed
     other = tmp_path / "other"
     other.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from minivit import training; "
-                               "training.lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from minivit import checkpoint; "
+                               "checkpoint.lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
                                str(other)], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -191,7 +191,7 @@ def test_two_runs_on_one_output_folder(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    training.lock_output_dir(other)  # the lock ends with its process, even a killed one
+    checkpoint.lock_output_dir(other)  # the lock ends with its process, even a killed one
 
 
 # ------------------------------------------------------------------------------------ numerics
@@ -199,12 +199,12 @@ def test_two_runs_on_one_output_folder(tmp_path):
 
 def test_every_batchnorm_becomes_sync_batchnorm_on_several_gpus():
     head = MultiCropWrapper(nn.Flatten(), DINOHead(12, 32, use_bn=True))
-    several_gpus = training.DistInfo(0, 0, 2, torch.device("cuda", 0), True, True)
-    converted = training.sync_batchnorm(head, several_gpus)
+    several_gpus = distributed.DistInfo(0, 0, 2, torch.device("cuda", 0), True, True)
+    converted = distributed.sync_batchnorm(head, several_gpus)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
     assert not any(type(m) is nn.BatchNorm1d for m in converted.modules())
-    one_process = training.DistInfo(0, 0, 1, torch.device("cpu"), True, False)
-    assert training.sync_batchnorm(head, one_process) is head
+    one_process = distributed.DistInfo(0, 0, 1, torch.device("cpu"), True, False)
+    assert distributed.sync_batchnorm(head, one_process) is head
 
 
 def total_variation(p, q):
