@@ -11,7 +11,6 @@
 Written to --output_dir: checkpoint.pt (every epoch), log.jsonl (one line an epoch), curves.png, results.json.
 """
 import argparse
-import sys
 
 import numpy as np
 import torch
@@ -35,95 +34,118 @@ OFFLINE = dict(data="digits", arch="resnet18", small_stem=True, image_size=16, l
 # flags that shape the model: a resumed run must pass the same
 RESUME_MUST_MATCH = ("small_stem", "data")
 
-parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-g = parser.add_argument_group("model")
-g.add_argument("--arch", default=None, help="a ResNet of minivit.models.ARCHS; default resnet50 (25.6M), resnet18 "
-               "offline. resnet18/34 for quick baselines, resnet101/152 for more accuracy at 2-3x the cost")
-g.add_argument("--small_stem", action=argparse.BooleanOptionalAction, default=None, help="3x3/1 stem without max-pool "
-               "for images of 32 px or less (CIFAR, digits); on offline, off for ImageNet. Not with ImageNet weights")
-g.add_argument("--zero_init_residual", action="store_true", help="start each residual branch's last BN at 0, so "
-               "blocks begin as identities: helps large-batch training (Goyal et al. 2017)")
-g.add_argument("--sync_bn", action="store_true", help="BatchNorm statistics over all GPUs (torchrun on CUDA only); "
-               "turn on when the batch per GPU is small (< 32)")
-g.add_argument("--pretrained", default=None, help="start from these weights (torchvision, timm or official DINO "
-               "files, or our own checkpoints) via models.load_pretrained; the fc starts fresh if the file has none")
-g = parser.add_argument_group("data")
-g.add_argument("--data", default=None, help="an ImageNet-style or CIFAR folder; default: digits (offline)")
-g.add_argument("--image_size", type=int, default=None, help="training/test resolution; default 224, 16 offline. "
-               "Must be a multiple of the patch size")
-g.add_argument("--load_size", type=int, default=None, help="side of the square images decoded from disk (CIFAR, "
-               "digits: crops are taken inside it; image folders: the test view's Resize + centre square, training "
-               "crops come from the whole photo); default 256 for image folders, 32 for CIFAR, 16 offline")
-g.add_argument("--crop_scale", type=float, default=None, help="smallest area fraction of RandomResizedCrop; default "
-               "0.08 (Inception/DeiT), 0.8 offline. Raise it for small images where a tiny crop is unrecognisable")
-g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips; on for "
-               "photos, off offline (a mirrored digit is another symbol)")
-g.add_argument("--train_fraction", type=float, default=1.0, help="train on this class-balanced fraction of the "
-               "training set (same images every run); lower it to see how ViTs fare with less data than CNNs")
-g.add_argument("--num_workers", type=int, default=None, help="data loading processes; default 8, 0 offline. Raise it "
-               "if the GPU waits for JPEG decoding (img/s below what --data digits gives)")
-g = parser.add_argument_group("optimisation (classic recipe: SGD, momentum, weight decay, warm-up + cosine)")
-g.add_argument("--epochs", type=int, default=None, help="default 90 (torchvision), 10 offline")
-g.add_argument("--batch_size", type=int, default=None, help="images per process per step; default 64. Lower it if out "
-               "of memory: the lr follows the global batch")
-g.add_argument("--lr", type=float, default=None, help="SGD peak lr for a global batch of 256, scaled linearly to the "
-               "real one (Goyal et al. 2017); default 0.1, 0.4 offline. Lower it (e.g. 0.01) to fine-tune --pretrained")
-g.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
-g.add_argument("--warmup_epochs", type=int, default=None, help="linear lr warm-up; default 5, 1 offline. Must stay "
-               "below --epochs; needed for global batches above ~1k (Goyal et al. 2017)")
-g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (torchvision, He et al. 2015)")
-g.add_argument("--nesterov", action="store_true", help="Nesterov momentum: sometimes a little better, same cost")
-g.add_argument("--weight_decay", type=float, default=1e-4, help="L2 weight decay, not on BN parameters and biases "
-               "(torchvision's 1e-4)")
-g.add_argument("--label_smoothing", type=float, default=0.0, help="0 in the classic recipe; torchvision's newer recipe "
-               "uses 0.1")
-g.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha; torchvision's newer recipe uses 0.2. Off "
-               "in the classic recipe")
-g.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta alpha; torchvision's newer recipe uses 1.0 "
-               "(with --mixup, each batch uses one of the two)")
-g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global gradient norm to this (0 = off); try 1.0 "
-               "if the loss spikes or turns NaN")
-g = parser.add_argument_group("system")
-g.add_argument("--output_dir", default=f"runs/{KIND}", help="where checkpoint.pt, log.jsonl, curves.png and "
-               "results.json go")
-g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt exactly where it stopped "
-               "(weights, optimizer, epoch, random streams, data order); pass the same flags")
-g.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cpu or mps")
-g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype; auto = "
-               "bf16 on GPUs that have it, fp32 elsewhere. fp16 (with loss scaling) only for GPUs without bf16")
-g.add_argument("--seed", type=int, default=0, help="seeds the weights, data order and augmentations")
-g.add_argument("--log_every", type=int, default=20, help="print a progress line every this many steps")
-g.add_argument("--eval_every", type=int, default=1, help="evaluate every this many epochs and after the last (0: "
-               "only after the last); raise it when the test set is slow to run")
-g.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cut each epoch to this many steps")
-g.add_argument("--stop_after", type=int, default=None, help="stop after this many epochs of this job, keeping the "
-               "schedule of --epochs; for clusters with a time limit: run again with --resume")
-cli.add_trust_pickle(parser)
-args = parser.parse_args()
 
-# -------------------------------------------------------------------------------------------------------- setup
-recipe = OFFLINE if args.data in (None, "digits") else IMAGENET
-applied = {k: v for k, v in recipe.items() if getattr(args, k, None) is None}
-for k, v in applied.items():
-    setattr(args, k, v)
-if recipe is OFFLINE and applied:
-    flags = (f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}" for k, v in applied.items())
-    distributed.print0(f"offline defaults: {' '.join(flags)}")
-check_flags(parser, args, probability=("momentum",))  # nonsense numbers stop here
-with cli.errors():  # bad flags, folders and files end here with a one-line error
-    if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
-        raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
-    training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
-    info = distributed.setup_distributed(args.device)
-    precision = training.resolve_precision(args.precision, info.device)
-    out = checkpoint.make_output_dir(args.output_dir)
-    checkpoint.lock_output_dir(out)  # a second run on the same folder stops here
-    seed = distributed.seed_everything(args.seed, info.rank)
-    generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint
-distributed.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
+def get_args_parser():
+    """The flags, in groups; those left at None are filled by the recipe (OFFLINE or IMAGENET above)."""
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", default=None, help="a ResNet of minivit.models.ARCHS; default resnet50 (25.6M), resnet18 "
+                   "offline. resnet18/34 for quick baselines, resnet101/152 for more accuracy at 2-3x the cost")
+    g.add_argument("--small_stem", action=argparse.BooleanOptionalAction, default=None, help="3x3/1 stem without "
+                   "max-pool for images of 32 px or less (CIFAR, digits); on offline, off for ImageNet. Not with "
+                   "ImageNet weights")
+    g.add_argument("--zero_init_residual", action="store_true", help="start each residual branch's last BN at 0, so "
+                   "blocks begin as identities: helps large-batch training (Goyal et al. 2017)")
+    g.add_argument("--sync_bn", action="store_true", help="BatchNorm statistics over all GPUs (torchrun on CUDA "
+                   "only); turn on when the batch per GPU is small (< 32)")
+    g.add_argument("--pretrained", default=None, help="start from these weights (torchvision, timm or official DINO "
+                   "files, or our own checkpoints) via models.load_pretrained; the fc starts fresh if the file has "
+                   "none")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=None, help="an ImageNet-style or CIFAR folder; default: digits (offline)")
+    g.add_argument("--image_size", type=int, default=None, help="training/test resolution; default 224, 16 offline. "
+                   "Must be a multiple of the patch size")
+    g.add_argument("--load_size", type=int, default=None, help="side of the square images decoded from disk (CIFAR, "
+                   "digits: crops are taken inside it; image folders: the test view's Resize + centre square, "
+                   "training crops come from the whole photo); default 256 for image folders, 32 for CIFAR, 16 "
+                   "offline")
+    g.add_argument("--crop_scale", type=float, default=None, help="smallest area fraction of RandomResizedCrop; "
+                   "default 0.08 (Inception/DeiT), 0.8 offline. Raise it for small images where a tiny crop is "
+                   "unrecognisable")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips; on "
+                   "for photos, off offline (a mirrored digit is another symbol)")
+    g.add_argument("--train_fraction", type=float, default=1.0, help="train on this class-balanced fraction of the "
+                   "training set (same images every run); lower it to see how ViTs fare with less data than CNNs")
+    g.add_argument("--num_workers", type=int, default=None, help="data loading processes; default 8, 0 offline. Raise "
+                   "it if the GPU waits for JPEG decoding (img/s below what --data digits gives)")
+    g = parser.add_argument_group("optimisation (classic recipe: SGD, momentum, weight decay, warm-up + cosine)")
+    g.add_argument("--epochs", type=int, default=None, help="default 90 (torchvision), 10 offline")
+    g.add_argument("--batch_size", type=int, default=None, help="images per process per step; default 64. Lower it if "
+                   "out of memory: the lr follows the global batch")
+    g.add_argument("--lr", type=float, default=None, help="SGD peak lr for a global batch of 256, scaled linearly to "
+                   "the real one (Goyal et al. 2017); default 0.1, 0.4 offline. Lower it (e.g. 0.01) to fine-tune "
+                   "--pretrained")
+    g.add_argument("--min_lr", type=float, default=0.0, help="lr at the end of the cosine")
+    g.add_argument("--warmup_epochs", type=int, default=None, help="linear lr warm-up; default 5, 1 offline. Must "
+                   "stay below --epochs; needed for global batches above ~1k (Goyal et al. 2017)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (torchvision, He et al. 2015)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum: sometimes a little better, same cost")
+    g.add_argument("--weight_decay", type=float, default=0.0001, help="L2 weight decay, not on BN parameters and "
+                   "biases (torchvision's 1e-4)")
+    g.add_argument("--label_smoothing", type=float, default=0.0, help="0 in the classic recipe; torchvision's newer "
+                   "recipe uses 0.1")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha; torchvision's newer recipe uses 0.2. "
+                   "Off in the classic recipe")
+    g.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta alpha; torchvision's newer recipe uses 1.0 "
+                   "(with --mixup, each batch uses one of the two)")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global gradient norm to this (0 = off); try "
+                   "1.0 if the loss spikes or turns NaN")
+    g = parser.add_argument_group("system")
+    g.add_argument("--output_dir", default=f"runs/{KIND}", help="where checkpoint.pt, log.jsonl, curves.png and "
+                   "results.json go")
+    g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt exactly where it "
+                   "stopped (weights, optimizer, epoch, random streams, data order); pass the same flags")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cpu or mps")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype; "
+                   "auto = bf16 on GPUs that have it, fp32 elsewhere. fp16 (with loss scaling) only for GPUs without "
+                   "bf16")
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, data order and augmentations")
+    g.add_argument("--log_every", type=int, default=20, help="print a progress line every this many steps")
+    g.add_argument("--eval_every", type=int, default=1, help="evaluate every this many epochs and after the last (0: "
+                   "only after the last); raise it when the test set is slow to run")
+    g.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cut each epoch to this many steps")
+    g.add_argument("--stop_after", type=int, default=None, help="stop after this many epochs of this job, keeping the "
+                   "schedule of --epochs; for clusters with a time limit: run again with --resume")
+    cli.add_trust_pickle(parser)
+    return parser
 
-# ------------------------------------------------------------------------------- data, model, optimizer, schedules
-with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
+
+def choose_recipe(args):
+    """-> (name, values that become the defaults): OFFLINE without --data (or with --data digits), else IMAGENET."""
+    return ("offline", OFFLINE) if args.data in (None, "digits") else ("imagenet", IMAGENET)
+
+
+def parse_args(argv=None):
+    """Flags -> args: the recipe's values as the defaults (cli.parse_with_preset: flags given still win), then every
+    number checked in one line."""
+    parser = get_args_parser()
+    args, recipe, applied = cli.parse_with_preset(parser, argv, choose_recipe)
+    if recipe == "offline" and applied:
+        distributed.print0(f"offline defaults: {cli.as_flags(applied)}")
+    check_flags(parser, args, probability=("momentum",))  # nonsense numbers stop here
+    return args
+
+
+def setup(args):
+    """Process, device, precision, the output folder (checked and locked) and the augmentations' generator ->
+    (info, precision, out, generator)."""
+    with cli.errors():  # bad flags, folders and files end here with a one-line error
+        if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
+            raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
+        training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
+        info = distributed.setup_distributed(args.device)
+        precision = training.resolve_precision(args.precision, info.device)
+        out = checkpoint.make_output_dir(args.output_dir)
+        checkpoint.lock_output_dir(out)  # a second run on the same folder stops here
+        seed = distributed.seed_everything(args.seed, info.rank)
+        generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint
+    distributed.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
+    return info, precision, out, generator
+
+
+def build_data(args, info):
+    """The training and test loaders, built once -> (augment, train_set, train_loader, test_loader, eval_transform,
+    steps per epoch)."""
     augment = SupervisedAugment(args.image_size, scale=(args.crop_scale, 1.0), hflip=args.hflip)
     # image folders: training crops from the whole photo (decoded no smaller than the smallest crop needs)
     train_set = subset(build_dataset(args.data, "train", args.load_size, augment.min_pixels), args.train_fraction,
@@ -137,11 +159,17 @@ with cli.errors():  # a missing folder, a batch larger than the data set, weight
     steps = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
     # the test view: the centre image_size square of the load_size image (224 of 256 for ImageNet)
     eval_transform = EvalTransform(args.image_size, resize=max(train_set.load_size, args.image_size))
+    return augment, train_set, train_loader, test_loader, eval_transform, steps
 
+
+def build_model_and_optimizer(args, info, train_set, steps):
+    """The model (on the device; --pretrained loaded), the optimizer and the per-step schedules -> (raw_model,
+    memory_format, optimizer, lr_schedule, wd_schedule)."""
     model = build_model(args.arch, num_classes=train_set.num_classes, small_stem=args.small_stem,
                         zero_init_residual=args.zero_init_residual)
     if args.pretrained:
-        distributed.print0(f"pretrained {args.pretrained}: {load_pretrained(model, args.pretrained, args.trust_pickle)}")
+        note = load_pretrained(model, args.pretrained, args.trust_pickle)
+        distributed.print0(f"pretrained {args.pretrained}: {note}")
     # channels_last: cuDNN's fastest convolutions (tensor cores) want NHWC; on the CPU it does not pay
     memory_format = torch.channels_last if info.device_type == "cuda" else torch.contiguous_format
     if args.sync_bn and info.distributed:
@@ -156,53 +184,66 @@ with cli.errors():  # a missing folder, a batch larger than the data set, weight
                                 momentum=args.momentum, nesterov=args.nesterov)
     lr_schedule = training.cosine_schedule(lr, args.min_lr, args.epochs, steps, args.warmup_epochs)
     wd_schedule = np.full(args.epochs * steps, args.weight_decay)  # constant, as in torchvision
-distributed.print0(f"{args.arch}: {training.count_parameters(raw_model) / 1e6:.2f}M parameters; {args.epochs} epochs "
-                f"of {steps} steps, {global_batch} images a step, peak lr {lr:.2e}")
+    distributed.print0(f"{args.arch}: {training.count_parameters(raw_model) / 1e6:.2f}M parameters; {args.epochs} "
+                       f"epochs of {steps} steps, {global_batch} images a step, peak lr {lr:.2e}")
+    return raw_model, memory_format, optimizer, lr_schedule, wd_schedule
 
-scaler = training.make_grad_scaler(info.device, precision)
-ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-start_epoch = 0
-if args.resume:
-    start_epoch = resume(ckpt_path, KIND, args, RESUME_MUST_MATCH, raw_model, optimizer, scaler, generator)
-    training.trim_log(log_path, start_epoch)  # a run killed after logging an epoch but before saving it
-elif info.is_main and log_path.exists():
-    log_path.unlink()  # a fresh run starts a fresh log
-model = DistributedDataParallel(raw_model) if info.distributed else raw_model
 
-# ------------------------------------------------------------------------------------------------ training loop
-logger = training.JsonlLogger(log_path)
-progress = training.Progress(args.epochs, steps, args.log_every, start_epoch)
-end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
-test = None
-for epoch in range(start_epoch, end_epoch):
-    train_loader.set_epoch(epoch)  # the data order depends on (seed, epoch) only: resumed runs see the same batches
-    train = train_one_epoch(model, train_loader, optimizer, scaler, augment, generator, lr_schedule, wd_schedule,
-                            epoch, steps, device=info.device, precision=precision, num_classes=train_set.num_classes,
-                            label_smoothing=args.label_smoothing, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                            clip_grad=args.clip_grad, progress=progress, checkpoint_path=ckpt_path,
-                            memory_format=memory_format)
-    record = {"epoch": epoch + 1, "train_loss": train["loss"], "lr": optimizer.param_groups[0]["lr"],
-              "train_images": train["images"], "train_seconds": train["seconds"]}
-    if epoch + 1 == args.epochs or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
+def main(argv=None):
+    args = parse_args(argv)
+    info, precision, out, generator = setup(args)
+    with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
+        augment, train_set, train_loader, test_loader, eval_transform, steps = build_data(args, info)
+        raw_model, memory_format, optimizer, lr_schedule, wd_schedule = build_model_and_optimizer(args, info, train_set,
+                                                                                                   steps)
+    scaler = training.make_grad_scaler(info.device, precision)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    start_epoch = 0
+    if args.resume:
+        start_epoch = resume(ckpt_path, KIND, args, RESUME_MUST_MATCH, raw_model, optimizer, scaler, generator)
+        training.trim_log(log_path, start_epoch)  # a run killed after logging an epoch but before saving it
+    elif info.is_main and log_path.exists():
+        log_path.unlink()  # a fresh run starts a fresh log
+    model = DistributedDataParallel(raw_model) if info.distributed else raw_model
+
+    # ------------------------------------------------------------------------------------------------ training loop
+    logger = training.JsonlLogger(log_path)
+    progress = training.Progress(args.epochs, steps, args.log_every, start_epoch)
+    end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
+    test = None
+    for epoch in range(start_epoch, end_epoch):
+        train_loader.set_epoch(epoch)  # the data order depends on (seed, epoch) only: a resumed run sees the same
+        train = train_one_epoch(model, train_loader, optimizer, scaler, augment, generator, lr_schedule, wd_schedule,
+                                epoch, steps, device=info.device, precision=precision,
+                                num_classes=train_set.num_classes, label_smoothing=args.label_smoothing,
+                                mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, clip_grad=args.clip_grad,
+                                progress=progress, checkpoint_path=ckpt_path, memory_format=memory_format)
+        record = {"epoch": epoch + 1, "train_loss": train["loss"], "lr": optimizer.param_groups[0]["lr"],
+                  "train_images": train["images"], "train_seconds": train["seconds"]}
+        if epoch + 1 == args.epochs or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
+            test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
+            record.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
+            distributed.print0(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f} | test loss "
+                               f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
+                               f"{train['images_per_s']:.0f} img/s")
+        logger.log(record)
+        checkpoint.save_checkpoint(ckpt_path, {"kind": KIND, "model": raw_model.state_dict(), "epoch": epoch + 1,
+                                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                             "args": vars(args), "rng": checkpoint.rng_state({"augment": generator})})
+    if end_epoch < args.epochs:
+        distributed.print0(f"stopped after epoch {end_epoch} of {args.epochs} (--stop_after); continue with --resume")
+        distributed.cleanup_distributed()
+        return
+
+    # ------------------------------------------------------------------------------------------------- final report
+    if test is None:  # a finished run resumed: nothing was trained, report its test accuracy all the same
         test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
-        record.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
-        distributed.print0(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f} | test loss "
-                        f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
-                        f"{train['images_per_s']:.0f} img/s")
-    logger.log(record)
-    checkpoint.save_checkpoint(ckpt_path, {"kind": KIND, "model": raw_model.state_dict(), "epoch": epoch + 1,
-                                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                         "args": vars(args), "rng": checkpoint.rng_state({"augment": generator})})
-if end_epoch < args.epochs:
-    distributed.print0(f"stopped after epoch {end_epoch} of {args.epochs} (--stop_after); continue with --resume")
+    if info.is_main:
+        training.plot_curves(log_path, out / "curves.png", ["train_loss", "test_loss", "test_top1", "lr"])
+        write_results(out / "results.json", args, test, raw_model, train_set, log_path, info, precision)
+    distributed.print0(f"test top-1 {test['top1']:.1f}% top-5 {test['top5']:.1f}%")
     distributed.cleanup_distributed()
-    sys.exit(0)
 
-# ------------------------------------------------------------------------------------------------- final report
-if test is None:  # a finished run resumed: nothing was trained, report its test accuracy all the same
-    test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
-if info.is_main:
-    training.plot_curves(log_path, out / "curves.png", ["train_loss", "test_loss", "test_top1", "lr"])
-    write_results(out / "results.json", args, test, raw_model, train_set, log_path, info, precision)
-distributed.print0(f"test top-1 {test['top1']:.1f}% top-5 {test['top5']:.1f}%")
-distributed.cleanup_distributed()
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,6 @@
 Written to --output_dir: checkpoint.pt (every epoch), log.jsonl (one line an epoch), curves.png, results.json.
 """
 import argparse
-import sys
 
 import numpy as np
 import torch
@@ -34,90 +33,112 @@ OFFLINE = dict(data="digits", arch="vit_ti16", patch_size=4, image_size=16, load
 # flags that shape the model: a resumed run must pass the same
 RESUME_MUST_MATCH = ("patch_size", "image_size", "data")
 
-parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-g = parser.add_argument_group("model")
-g.add_argument("--arch", default=None, help="a ViT of minivit.models.ARCHS; default vit_s16 (DeiT-S, 22M), "
-               "vit_ti16 offline. vit_b16 for the paper's ViT-B (~4x the compute of S)")
-g.add_argument("--patch_size", type=int, default=None, help="patch side in pixels; default: the arch's (16 in "
-               "vit_s16), 4 offline. Smaller patches = more tokens: better accuracy, quadratic attention cost")
-g.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate of the last block; default 0.1 "
-               "(DeiT-S), 0 offline. Raise it for bigger models (DeiT-B: 0.1, ViT-L needs more)")
-g.add_argument("--pretrained", default=None, help="start from these weights (official DINO or timm files, or our own "
-               "checkpoints) via models.load_pretrained; the classifier head starts fresh if the file has none")
-g = parser.add_argument_group("data")
-g.add_argument("--data", default=None, help="an ImageNet-style or CIFAR folder; default: digits (offline)")
-g.add_argument("--image_size", type=int, default=None, help="training/test resolution; default 224, 16 offline. "
-               "Must be a multiple of the patch size")
-g.add_argument("--load_size", type=int, default=None, help="side of the square images decoded from disk (CIFAR, "
-               "digits: crops are taken inside it; image folders: the test view's Resize + centre square, training "
-               "crops come from the whole photo); default 256 for image folders, 32 for CIFAR, 16 offline")
-g.add_argument("--crop_scale", type=float, default=None, help="smallest area fraction of RandomResizedCrop; default "
-               "0.08 (Inception/DeiT), 0.8 offline. Raise it for small images where a tiny crop is unrecognisable")
-g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips; on for "
-               "photos, off offline (a mirrored digit is another symbol)")
-g.add_argument("--train_fraction", type=float, default=1.0, help="train on this class-balanced fraction of the "
-               "training set (same images every run); lower it to see how ViTs fare with less data than CNNs")
-g.add_argument("--num_workers", type=int, default=None, help="data loading processes; default 8, 0 offline. Raise it "
-               "if the GPU waits for JPEG decoding (img/s below what --data digits gives)")
-g = parser.add_argument_group("optimisation (DeiT recipe; RandAugment and random erasing are not implemented)")
-g.add_argument("--epochs", type=int, default=None, help="default 300 (DeiT), 20 offline")
-g.add_argument("--batch_size", type=int, default=None, help="images per process per step; default 64 (DeiT's 1024 "
-               "on 16 GPUs), 32 offline. Lower it if out of memory: the lr follows the global batch")
-g.add_argument("--lr", type=float, default=None, help="AdamW peak lr for a global batch of 512, scaled linearly to the "
-               "real one (DeiT); default 5e-4, 8e-3 offline. Lower it (e.g. 1e-4) when fine-tuning --pretrained")
-g.add_argument("--min_lr", type=float, default=1e-5, help="lr at the end of the cosine (DeiT)")
-g.add_argument("--warmup_epochs", type=int, default=None, help="linear lr warm-up; default 5 (DeiT), 2 offline. Must "
-               "stay below --epochs; more if the loss spikes early")
-g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay, not on biases and norms "
-               "(DeiT)")
-g.add_argument("--label_smoothing", type=float, default=0.1, help="DeiT's 0.1; 0 for plain cross-entropy")
-g.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha; DeiT uses 0.8. Off by default: it pays off "
-               "over long ImageNet runs and slows short ones")
-g.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta alpha; DeiT uses 1.0 (with --mixup 0.8, each "
-               "batch uses one of the two)")
-g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global gradient norm to this (0 = off); try 1.0 "
-               "if the loss spikes or turns NaN")
-g = parser.add_argument_group("system")
-g.add_argument("--output_dir", default=f"runs/{KIND}", help="where checkpoint.pt, log.jsonl, curves.png and "
-               "results.json go")
-g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt exactly where it stopped "
-               "(weights, optimizer, epoch, random streams, data order); pass the same flags")
-g.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cpu or mps")
-g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype; auto = "
-               "bf16 on GPUs that have it, fp32 elsewhere. fp16 (with loss scaling) only for GPUs without bf16")
-g.add_argument("--seed", type=int, default=0, help="seeds the weights, data order and augmentations")
-g.add_argument("--log_every", type=int, default=20, help="print a progress line every this many steps")
-g.add_argument("--eval_every", type=int, default=1, help="evaluate every this many epochs and after the last (0: "
-               "only after the last); raise it when the test set is slow to run")
-g.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cut each epoch to this many steps")
-g.add_argument("--stop_after", type=int, default=None, help="stop after this many epochs of this job, keeping the "
-               "schedule of --epochs; for clusters with a time limit: run again with --resume")
-cli.add_trust_pickle(parser)
-args = parser.parse_args()
 
-# -------------------------------------------------------------------------------------------------------- setup
-recipe = OFFLINE if args.data in (None, "digits") else IMAGENET
-applied = {k: v for k, v in recipe.items() if getattr(args, k, None) is None}
-for k, v in applied.items():
-    setattr(args, k, v)
-if recipe is OFFLINE and applied:
-    flags = (f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k} {v}" for k, v in applied.items())
-    distributed.print0(f"offline defaults: {' '.join(flags)}")
-check_flags(parser, args, positive=("patch_size",), probability=("drop_path",))  # nonsense numbers stop here
-with cli.errors():  # bad flags, folders and files end here with a one-line error
-    if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
-        raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
-    training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
-    info = distributed.setup_distributed(args.device)
-    precision = training.resolve_precision(args.precision, info.device)
-    out = checkpoint.make_output_dir(args.output_dir)
-    checkpoint.lock_output_dir(out)  # a second run on the same folder stops here
-    seed = distributed.seed_everything(args.seed, info.rank)
-    generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint
-distributed.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
+def get_args_parser():
+    """The flags, in groups; those left at None are filled by the recipe (OFFLINE or IMAGENET above)."""
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", default=None, help="a ViT of minivit.models.ARCHS; default vit_s16 (DeiT-S, 22M), "
+                   "vit_ti16 offline. vit_b16 for the paper's ViT-B (~4x the compute of S)")
+    g.add_argument("--patch_size", type=int, default=None, help="patch side in pixels; default: the arch's (16 in "
+                   "vit_s16), 4 offline. Smaller patches = more tokens: better accuracy, quadratic attention cost")
+    g.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate of the last block; default "
+                   "0.1 (DeiT-S), 0 offline. Raise it for bigger models (DeiT-B: 0.1, ViT-L needs more)")
+    g.add_argument("--pretrained", default=None, help="start from these weights (official DINO or timm files, or our "
+                   "own checkpoints) via models.load_pretrained; the classifier head starts fresh if the file has "
+                   "none")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default=None, help="an ImageNet-style or CIFAR folder; default: digits (offline)")
+    g.add_argument("--image_size", type=int, default=None, help="training/test resolution; default 224, 16 offline. "
+                   "Must be a multiple of the patch size")
+    g.add_argument("--load_size", type=int, default=None, help="side of the square images decoded from disk (CIFAR, "
+                   "digits: crops are taken inside it; image folders: the test view's Resize + centre square, "
+                   "training crops come from the whole photo); default 256 for image folders, 32 for CIFAR, 16 "
+                   "offline")
+    g.add_argument("--crop_scale", type=float, default=None, help="smallest area fraction of RandomResizedCrop; "
+                   "default 0.08 (Inception/DeiT), 0.8 offline. Raise it for small images where a tiny crop is "
+                   "unrecognisable")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips; on "
+                   "for photos, off offline (a mirrored digit is another symbol)")
+    g.add_argument("--train_fraction", type=float, default=1.0, help="train on this class-balanced fraction of the "
+                   "training set (same images every run); lower it to see how ViTs fare with less data than CNNs")
+    g.add_argument("--num_workers", type=int, default=None, help="data loading processes; default 8, 0 offline. Raise "
+                   "it if the GPU waits for JPEG decoding (img/s below what --data digits gives)")
+    g = parser.add_argument_group("optimisation (DeiT recipe; RandAugment and random erasing are not implemented)")
+    g.add_argument("--epochs", type=int, default=None, help="default 300 (DeiT), 20 offline")
+    g.add_argument("--batch_size", type=int, default=None, help="images per process per step; default 64 (DeiT's 1024 "
+                   "on 16 GPUs), 32 offline. Lower it if out of memory: the lr follows the global batch")
+    g.add_argument("--lr", type=float, default=None, help="AdamW peak lr for a global batch of 512, scaled linearly "
+                   "to the real one (DeiT); default 5e-4, 8e-3 offline. Lower it (e.g. 1e-4) when fine-tuning "
+                   "--pretrained")
+    g.add_argument("--min_lr", type=float, default=1e-5, help="lr at the end of the cosine (DeiT)")
+    g.add_argument("--warmup_epochs", type=int, default=None, help="linear lr warm-up; default 5 (DeiT), 2 offline. "
+                   "Must stay below --epochs; more if the loss spikes early")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay, not on biases and "
+                   "norms (DeiT)")
+    g.add_argument("--label_smoothing", type=float, default=0.1, help="DeiT's 0.1; 0 for plain cross-entropy")
+    g.add_argument("--mixup", type=float, default=0.0, help="mixup Beta alpha; DeiT uses 0.8. Off by default: it pays "
+                   "off over long ImageNet runs and slows short ones")
+    g.add_argument("--cutmix", type=float, default=0.0, help="CutMix Beta alpha; DeiT uses 1.0 (with --mixup 0.8, "
+                   "each batch uses one of the two)")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global gradient norm to this (0 = off); try "
+                   "1.0 if the loss spikes or turns NaN")
+    g = parser.add_argument_group("system")
+    g.add_argument("--output_dir", default=f"runs/{KIND}", help="where checkpoint.pt, log.jsonl, curves.png and "
+                   "results.json go")
+    g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt exactly where it "
+                   "stopped (weights, optimizer, epoch, random streams, data order); pass the same flags")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cpu or mps")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype; "
+                   "auto = bf16 on GPUs that have it, fp32 elsewhere. fp16 (with loss scaling) only for GPUs without "
+                   "bf16")
+    g.add_argument("--seed", type=int, default=0, help="seeds the weights, data order and augmentations")
+    g.add_argument("--log_every", type=int, default=20, help="print a progress line every this many steps")
+    g.add_argument("--eval_every", type=int, default=1, help="evaluate every this many epochs and after the last (0: "
+                   "only after the last); raise it when the test set is slow to run")
+    g.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cut each epoch to this many steps")
+    g.add_argument("--stop_after", type=int, default=None, help="stop after this many epochs of this job, keeping the "
+                   "schedule of --epochs; for clusters with a time limit: run again with --resume")
+    cli.add_trust_pickle(parser)
+    return parser
 
-# ------------------------------------------------------------------------------- data, model, optimizer, schedules
-with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
+
+def choose_recipe(args):
+    """-> (name, values that become the defaults): OFFLINE without --data (or with --data digits), else IMAGENET."""
+    return ("offline", OFFLINE) if args.data in (None, "digits") else ("imagenet", IMAGENET)
+
+
+def parse_args(argv=None):
+    """Flags -> args: the recipe's values as the defaults (cli.parse_with_preset: flags given still win), then every
+    number checked in one line."""
+    parser = get_args_parser()
+    args, recipe, applied = cli.parse_with_preset(parser, argv, choose_recipe)
+    if recipe == "offline" and applied:
+        distributed.print0(f"offline defaults: {cli.as_flags(applied)}")
+    check_flags(parser, args, positive=("patch_size",), probability=("drop_path",))  # nonsense numbers stop here
+    return args
+
+
+def setup(args):
+    """Process, device, precision, the output folder (checked and locked) and the augmentations' generator ->
+    (info, precision, out, generator)."""
+    with cli.errors():  # bad flags, folders and files end here with a one-line error
+        if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
+            raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
+        training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
+        info = distributed.setup_distributed(args.device)
+        precision = training.resolve_precision(args.precision, info.device)
+        out = checkpoint.make_output_dir(args.output_dir)
+        checkpoint.lock_output_dir(out)  # a second run on the same folder stops here
+        seed = distributed.seed_everything(args.seed, info.rank)
+        generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint
+    distributed.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
+    return info, precision, out, generator
+
+
+def build_data(args, info):
+    """The training and test loaders, built once -> (augment, train_set, train_loader, test_loader, eval_transform,
+    steps per epoch)."""
     augment = SupervisedAugment(args.image_size, scale=(args.crop_scale, 1.0), hflip=args.hflip)
     # image folders: training crops from the whole photo (decoded no smaller than the smallest crop needs)
     train_set = subset(build_dataset(args.data, "train", args.load_size, augment.min_pixels), args.train_fraction,
@@ -131,12 +152,18 @@ with cli.errors():  # a missing folder, a batch larger than the data set, weight
     steps = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
     # the test view: the centre image_size square of the load_size image (224 of 256 for ImageNet)
     eval_transform = EvalTransform(args.image_size, resize=max(train_set.load_size, args.image_size))
+    return augment, train_set, train_loader, test_loader, eval_transform, steps
 
+
+def build_model_and_optimizer(args, info, train_set, steps):
+    """The model (on the device; --pretrained loaded), the optimizer and the per-step schedules -> (raw_model,
+    memory_format, optimizer, lr_schedule, wd_schedule)."""
     patch = {} if args.patch_size is None else {"patch_size": args.patch_size}
     model = build_model(args.arch, num_classes=train_set.num_classes, img_size=args.image_size,
                         drop_path_rate=args.drop_path, **patch)
     if args.pretrained:
-        distributed.print0(f"pretrained {args.pretrained}: {load_pretrained(model, args.pretrained, args.trust_pickle)}")
+        note = load_pretrained(model, args.pretrained, args.trust_pickle)
+        distributed.print0(f"pretrained {args.pretrained}: {note}")
     memory_format = torch.contiguous_format
     raw_model = model.to(info.device)  # the plain module: saved, loaded and evaluated
 
@@ -145,53 +172,66 @@ with cli.errors():  # a missing folder, a batch larger than the data set, weight
     optimizer = torch.optim.AdamW(training.param_groups(raw_model, args.weight_decay), lr=lr)
     lr_schedule = training.cosine_schedule(lr, args.min_lr, args.epochs, steps, args.warmup_epochs)
     wd_schedule = np.full(args.epochs * steps, args.weight_decay)  # constant (DeiT); DINO's grows along a cosine
-distributed.print0(f"{args.arch}: {training.count_parameters(raw_model) / 1e6:.2f}M parameters; {args.epochs} epochs "
-                f"of {steps} steps, {global_batch} images a step, peak lr {lr:.2e}")
+    distributed.print0(f"{args.arch}: {training.count_parameters(raw_model) / 1e6:.2f}M parameters; {args.epochs} "
+                       f"epochs of {steps} steps, {global_batch} images a step, peak lr {lr:.2e}")
+    return raw_model, memory_format, optimizer, lr_schedule, wd_schedule
 
-scaler = training.make_grad_scaler(info.device, precision)
-ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-start_epoch = 0
-if args.resume:
-    start_epoch = resume(ckpt_path, KIND, args, RESUME_MUST_MATCH, raw_model, optimizer, scaler, generator)
-    training.trim_log(log_path, start_epoch)  # a run killed after logging an epoch but before saving it
-elif info.is_main and log_path.exists():
-    log_path.unlink()  # a fresh run starts a fresh log
-model = DistributedDataParallel(raw_model) if info.distributed else raw_model
 
-# ------------------------------------------------------------------------------------------------ training loop
-logger = training.JsonlLogger(log_path)
-progress = training.Progress(args.epochs, steps, args.log_every, start_epoch)
-end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
-test = None
-for epoch in range(start_epoch, end_epoch):
-    train_loader.set_epoch(epoch)  # the data order depends on (seed, epoch) only: resumed runs see the same batches
-    train = train_one_epoch(model, train_loader, optimizer, scaler, augment, generator, lr_schedule, wd_schedule,
-                            epoch, steps, device=info.device, precision=precision, num_classes=train_set.num_classes,
-                            label_smoothing=args.label_smoothing, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                            clip_grad=args.clip_grad, progress=progress, checkpoint_path=ckpt_path,
-                            memory_format=memory_format)
-    record = {"epoch": epoch + 1, "train_loss": train["loss"], "lr": optimizer.param_groups[0]["lr"],
-              "train_images": train["images"], "train_seconds": train["seconds"]}
-    if epoch + 1 == args.epochs or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
+def main(argv=None):
+    args = parse_args(argv)
+    info, precision, out, generator = setup(args)
+    with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
+        augment, train_set, train_loader, test_loader, eval_transform, steps = build_data(args, info)
+        raw_model, memory_format, optimizer, lr_schedule, wd_schedule = build_model_and_optimizer(args, info, train_set,
+                                                                                                   steps)
+    scaler = training.make_grad_scaler(info.device, precision)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    start_epoch = 0
+    if args.resume:
+        start_epoch = resume(ckpt_path, KIND, args, RESUME_MUST_MATCH, raw_model, optimizer, scaler, generator)
+        training.trim_log(log_path, start_epoch)  # a run killed after logging an epoch but before saving it
+    elif info.is_main and log_path.exists():
+        log_path.unlink()  # a fresh run starts a fresh log
+    model = DistributedDataParallel(raw_model) if info.distributed else raw_model
+
+    # ------------------------------------------------------------------------------------------------ training loop
+    logger = training.JsonlLogger(log_path)
+    progress = training.Progress(args.epochs, steps, args.log_every, start_epoch)
+    end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
+    test = None
+    for epoch in range(start_epoch, end_epoch):
+        train_loader.set_epoch(epoch)  # the data order depends on (seed, epoch) only: a resumed run sees the same
+        train = train_one_epoch(model, train_loader, optimizer, scaler, augment, generator, lr_schedule, wd_schedule,
+                                epoch, steps, device=info.device, precision=precision,
+                                num_classes=train_set.num_classes, label_smoothing=args.label_smoothing,
+                                mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, clip_grad=args.clip_grad,
+                                progress=progress, checkpoint_path=ckpt_path, memory_format=memory_format)
+        record = {"epoch": epoch + 1, "train_loss": train["loss"], "lr": optimizer.param_groups[0]["lr"],
+                  "train_images": train["images"], "train_seconds": train["seconds"]}
+        if epoch + 1 == args.epochs or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
+            test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
+            record.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
+            distributed.print0(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f} | test loss "
+                               f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
+                               f"{train['images_per_s']:.0f} img/s")
+        logger.log(record)
+        checkpoint.save_checkpoint(ckpt_path, {"kind": KIND, "model": raw_model.state_dict(), "epoch": epoch + 1,
+                                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                             "args": vars(args), "rng": checkpoint.rng_state({"augment": generator})})
+    if end_epoch < args.epochs:
+        distributed.print0(f"stopped after epoch {end_epoch} of {args.epochs} (--stop_after); continue with --resume")
+        distributed.cleanup_distributed()
+        return
+
+    # ------------------------------------------------------------------------------------------------- final report
+    if test is None:  # a finished run resumed: nothing was trained, report its test accuracy all the same
         test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
-        record.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
-        distributed.print0(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f} | test loss "
-                        f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
-                        f"{train['images_per_s']:.0f} img/s")
-    logger.log(record)
-    checkpoint.save_checkpoint(ckpt_path, {"kind": KIND, "model": raw_model.state_dict(), "epoch": epoch + 1,
-                                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                         "args": vars(args), "rng": checkpoint.rng_state({"augment": generator})})
-if end_epoch < args.epochs:
-    distributed.print0(f"stopped after epoch {end_epoch} of {args.epochs} (--stop_after); continue with --resume")
+    if info.is_main:
+        training.plot_curves(log_path, out / "curves.png", ["train_loss", "test_loss", "test_top1", "lr"])
+        write_results(out / "results.json", args, test, raw_model, train_set, log_path, info, precision)
+    distributed.print0(f"test top-1 {test['top1']:.1f}% top-5 {test['top5']:.1f}%")
     distributed.cleanup_distributed()
-    sys.exit(0)
 
-# ------------------------------------------------------------------------------------------------- final report
-if test is None:  # a finished run resumed: nothing was trained, report its test accuracy all the same
-    test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
-if info.is_main:
-    training.plot_curves(log_path, out / "curves.png", ["train_loss", "test_loss", "test_top1", "lr"])
-    write_results(out / "results.json", args, test, raw_model, train_set, log_path, info, precision)
-distributed.print0(f"test top-1 {test['top1']:.1f}% top-5 {test['top5']:.1f}%")
-distributed.cleanup_distributed()
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ Sections (each prints one markdown table; a failure such as an OOM becomes a "fa
   resnet  ResNet-50 step (bf16, channels_last, SGD) with the issue's reference point;
   dino    a full DINO step (teacher on 2 global crops, student on 2 global + 8 local, DINOLoss, backward, per-tensor
           clipping, AdamW, teacher EMA; data already on the device), ours vs plain, with the issue-6 targets;
-  data    on a photo folder (--data, or one made by minivit.photo_folder): the official per-image Pillow pipeline
+  data    on a photo folder (--data, or one made by minivit.tools.photo_folder): the official per-image Pillow pipeline
           (decode + DataAugmentationDINO, written here) as the yardstick, then ours: decode per core and in N loader
           workers, MultiCropAugment on the device, and both together.
 
@@ -50,7 +50,7 @@ from minivit.kernels.patch_embed import patch_embed_reference, patch_embed_token
 from minivit import cli, dino, vit  # noqa: E402
 from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugment  # noqa: E402
 from minivit.data import Photos, build_dataset, build_loader, load_photo  # noqa: E402
-from minivit.photo_folder import make_photo_folder  # noqa: E402
+from minivit.tools.photo_folder import make_photo_folder  # noqa: E402
 from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper, clip_gradients, update_teacher  # noqa: E402
 from minivit.models import build_model  # noqa: E402
 from minivit.distributed import pick_device  # noqa: E402
@@ -216,7 +216,7 @@ class Plan:
     local_size: int
     dino_batch: dict
     out_dim: int  # DINO prototypes K
-    photos: int  # photos timed in the data section (made by minivit.photo_folder unless --data names a folder)
+    photos: int  # photos timed in the data section (made by minivit.tools.photo_folder unless --data names a folder)
     loader_batch: int
     workers: int
     archs: tuple = ("vit_s16", "vit_s8")  # the ViT and DINO rows
@@ -513,7 +513,7 @@ def _images_per_second(fns, images, rounds=3):
 def bench_data(plan):
     """Table: img/s of the official per-image Pillow pipeline (the yardstick) and of ours -- decode alone on one core
     and in N loader workers, multi-crop on the device, and both together -- on a photo folder (plan.data, or one
-    made by minivit.photo_folder). -> markdown lines."""
+    made by minivit.tools.photo_folder). -> markdown lines."""
     augment = MultiCropAugment(plan.global_size, plan.local_size, 8)
     generator, B, device = torch.Generator().manual_seed(0), plan.loader_batch, plan.device
     rows, threads = [], torch.get_num_threads()
@@ -581,7 +581,7 @@ def bench_data(plan):
                      guarded(loader_rate, True)])
         del loader  # stop the workers before the folder goes
         sizes = np.array([load_photo_size(p) for p in paths])
-    what = f"{n} photos of {plan.data or 'minivit.photo_folder'} ({_describe_sizes(sizes)})"
+    what = f"{n} photos of {plan.data or 'minivit.tools.photo_folder'} ({_describe_sizes(sizes)})"
     return _table(f"Data pipeline (images/s), {what}, {plan.label}", ["stage", "setup", "img/s"], rows)
 
 
@@ -661,7 +661,7 @@ def main(argv=None):
     parser.add_argument("--archs", default="vit_s16,vit_s8", help="the ViT and DINO rows: vit_s16, vit_s8 or both")
     parser.add_argument("--builds", default="ours,plain", help="ours, plain or both (the ViT and DINO rows)")
     parser.add_argument("--data", default=None, help="data section: an ImageNet-style folder to time (default: a "
-                        "folder of ImageNet-sized photos made by minivit.photo_folder in a temporary directory)")
+                        "folder of ImageNet-sized photos made by minivit.tools.photo_folder in a temporary directory)")
     parser.add_argument("--photos", type=int, default=None, help="data section: photos to time (default 512 on a "
                         "GPU, 64 on a CPU, 16 with --quick)")
     parser.add_argument("--compile", action="store_true",

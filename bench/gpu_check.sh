@@ -15,7 +15,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 PARTS=${*:-photos step kernels proof}
 want() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 if want photos; then
-# 0a. Issue 12, the data pipeline on 512 ImageNet-sized photos (minivit.photo_folder): the official per-image
+# 0a. Issue 12, the data pipeline on 512 ImageNet-sized photos (minivit.tools.photo_folder): the official per-image
 #     Pillow yardstick, our decode per core and with 16 workers, MultiCropAugment on the GPU at batch 128, both.
 timeout 180 python3 bench/bench.py --only data --out "$OUT/data.md" 2>&1 | tee -a "$OUT/log.txt" | tail -14
 # 0b. Same seed, same crops on cuda as on the CPU (and the rest of the crop tests, now on the GPU too).
@@ -23,7 +23,7 @@ timeout 60 python3 -m pytest -q tests/test_augment.py -k "device or mixed or pil
     | tee -a "$OUT/log.txt"
 # 0c. train_dino.py fed by a photo folder (decode in 14 workers, crops on the GPU) against the step fed pre-made
 #     tensors (1330 img/s for ViT-S/16 b128 in the DINO table): img/s from its progress lines, ViT-S/16 and S/8.
-timeout 80 python3 -m minivit.photo_folder /tmp/photos --images 2560 --classes 8 --processes 16 | tee -a "$OUT/log.txt"
+timeout 80 python3 -m minivit.tools.photo_folder /tmp/photos --images 2560 --classes 8 --processes 16 | tee -a "$OUT/log.txt"
 for arch_batch in "vit_s16 128" "vit_s8 32"; do set -- $arch_batch
     timeout 90 python3 train_dino.py --arch "$1" --batch_size_per_gpu "$2" --data /tmp/photos --knn_data none \
         --epochs 1 --iters_per_epoch 20 --log_every 5 --num_workers 14 --output_dir "/tmp/dino_photos_$1" 2>&1 \
@@ -76,12 +76,12 @@ echo "supervised: $SUP_EPOCHS epochs for DINO's $DINO_S s" | tee -a "$R/dino.log
 timeout 360 python3 train_vit.py $SUP --epochs "$SUP_EPOCHS" --warmup_epochs 1 --eval_every "$SUP_EPOCHS" \
     --output_dir "$R/sup" 2>&1 | tee "$R/sup.log" | tail -3
 W="dino=$R/dino/teacher_backbone.pth supervised=$R/sup/checkpoint.pt random=none"
-timeout 60 python3 -m minivit.segmentation --arch vit_s8 --data shapes_plain --weights $W --output_dir "$R/seg" \
+timeout 60 python3 -m minivit.tools.segmentation --arch vit_s8 --data shapes_plain --weights $W --output_dir "$R/seg" \
     2>&1 | tail -8
-timeout 90 python3 -m minivit.copydetect --arch vit_s8 --data shapes_plain --weights $W --output_dir "$R/copy" \
+timeout 90 python3 -m minivit.tools.copydetect --arch vit_s8 --data shapes_plain --weights $W --output_dir "$R/copy" \
     2>&1 | tail -8
 COMMON="--image_size 64 --load_size 64 --crop_scale 0.4 --hflip --batch_size 128 --num_workers 4 --warmup_epochs 1"
-timeout 150 python3 -m minivit.compare --data shapes_plain --epochs 3 --output_dir "$R/compare" --common_args "$COMMON" \
+timeout 150 python3 -m minivit.tools.compare --data shapes_plain --epochs 3 --output_dir "$R/compare" --common_args "$COMMON" \
     --vit_args "--arch vit_s8 --patch_size 8 --pretrained $R/dino/teacher_backbone.pth" \
     --resnet_args "--arch resnet18 --small_stem" 2>&1 | tail -8
 python3 - "$R" <<'PY'

@@ -5,12 +5,14 @@ one line, `error: <the problem>; <the fix>`, with a non-zero exit and no traceba
     cli.add_trust_pickle(parser)                          # --trust_pickle, for the commands that read weights
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("lr", "epochs"), probability=("mass",), ordered=("crops_scale",))
+    args, name, applied = cli.parse_with_preset(parser, argv, choose)   # presets as defaults (the train scripts)
     with cli.errors():                                    # minivit's ValueError / FileNotFoundError -> one line
         model = load_backbone(...)
 """
 import argparse
 import contextlib
 import math
+import os
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -34,6 +36,26 @@ def errors():
         yield
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+
+
+def parse_with_preset(parser, argv, choose):
+    """Parse argv with a preset's values as the defaults, so that flags given on the command line still win: a first
+    pass tells which preset applies, choose(args) -> (name or None, {flag: value}); the second parses with those
+    defaults. -> (args, name, applied: the preset's flags that kept its value). The one preset idiom of the three
+    train scripts (their OFFLINE / IMAGENET / recipe dicts)."""
+    name, preset = choose(parser.parse_known_args(argv)[0])
+    parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    return args, name, {k: v for k, v in preset.items() if getattr(args, k) == v}
+
+
+def as_flags(values: dict) -> str:
+    """{flag: value} as the command line that gives it: '--epochs 20 --no-hflip --crops_scale 0.4 1.0'."""
+    def one(k, v):
+        if isinstance(v, bool):
+            return f"--{k}" if v else f"--no-{k}"
+        return f"--{k} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+    return " ".join(one(k, v) for k, v in values.items())
 
 
 def add_trust_pickle(parser) -> None:
@@ -83,3 +105,22 @@ def check_args(parser, args, **rules) -> None:
                     shown = " ".join(map(str, x)) if isinstance(x, (list, tuple)) else x
                     fail(f"--{name} {shown}: {words if finite else 'must be a finite number'}"
                          f"{_default(parser, name)}")
+
+
+def parse_weights(specs):
+    """['dino=runs/dino/teacher_backbone.pth', 'random=none', 'file.pth'] -> [(label, path or None)]. Without a
+    label the file's stem names it ('random' for none). A one-line error exit on a repeated label or a missing
+    file."""
+    parsed = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or os.path.exists(spec):
+            path = spec
+            label = "random" if spec.lower() == "none" else os.path.splitext(os.path.basename(spec))[0]
+        path = None if path.lower() == "none" else path
+        if path is not None and not os.path.isfile(path):
+            fail(f"--weights {spec}: no such file {path!r}; give label=PATH or label=none (random init)")
+        if label in (name for name, _ in parsed):
+            fail(f"--weights: the label {label!r} appears twice; give each file its own label=PATH")
+        parsed.append((label, path))
+    return parsed

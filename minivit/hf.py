@@ -18,15 +18,17 @@ The `pooler` of a ViTModel (a tanh layer no DINO evaluation reads) is dropped. s
 a JSON header: loading it runs no code, unlike unpickling a .pth.
 
     model = build_model("vit_s8"); load_pretrained(model, "dino-vits8/")       # a folder from the Hub, or its file
-    python -m minivit.hf --arch vit_s8 --weights runs/dino/teacher_backbone.pth --output_dir runs/dino/hf
+    python -m minivit.tools.export_hf --arch vit_s8 --weights runs/dino/teacher_backbone.pth --output_dir runs/dino/hf
 """
 import json
 import os
 import re
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from minivit import cli
+from minivit import vit
+from minivit.checkpoint import unwrap_model
 
 # (Hugging Face name, ours), {i} = block index; each entry is a prefix of the tensor names
 NAMES = [
@@ -136,25 +138,20 @@ def hf_config(model) -> dict:
 
 def _suggest_arch(cfg: dict) -> str:
     """The ARCHS name whose shape matches a config.json, for error messages ('' if none)."""
-    from minivit.models import ARCHS
-
     want = (cfg.get("hidden_size"), cfg.get("num_hidden_layers"), cfg.get("num_attention_heads"))
     with torch.device("meta"):  # shapes only
-        for name, factory in ARCHS.items():
-            if name.startswith("vit_"):
-                m = factory()
-                if (m.embed_dim, len(m.blocks), m.num_heads) == want:
-                    patch = "" if m.patch_size == cfg.get("patch_size") else f" --patch_size {cfg.get('patch_size')}"
-                    return f" (that is --arch {name}{patch})"
+        for name, factory in vit.ARCHS.items():
+            m = factory()
+            if (m.embed_dim, len(m.blocks), m.num_heads) == want:
+                patch = "" if m.patch_size == cfg.get("patch_size") else f" --patch_size {cfg.get('patch_size')}"
+                return f" (that is --arch {name}{patch})"
     return ""
 
 
 def check_config(cfg: dict, model) -> list[str]:
     """Compare a Hugging Face config.json with a minivit ViT: ValueError naming every mismatch on one line; returns
     notes on accepted differences. image_size may differ (load_pretrained resizes the position table)."""
-    from minivit.vit import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, vit.VisionTransformer):
         raise ValueError(f"Hugging Face ViT weights need a ViT, the model is {type(model).__name__}: "
                          "build one with a vit_* arch")
     if cfg.get("model_type", "vit") != "vit":
@@ -195,8 +192,6 @@ def read_hf(path, model) -> tuple[dict, list[str], list[str]]:
     official names, dropped keys with the reason, notes on accepted differences). config.json, in the folder or
     beside the file, is checked against `model` (check_config). A .safetensors file in our own names
     (teacher_backbone.safetensors) is returned as is."""
-    from safetensors.torch import load_file
-
     folder, file = (path, os.path.join(path, "model.safetensors")) if os.path.isdir(path) else \
         (os.path.dirname(os.path.abspath(path)), path)
     if not os.path.isfile(file):
@@ -223,13 +218,8 @@ def export_hf(model, folder) -> str:
     """Write `model` (a minivit ViT) as a Hugging Face model folder: config.json + model.safetensors, which
     transformers' ViTModel.from_pretrained (or ViTForImageClassification, with a head) and load_pretrained read.
     Returns the folder."""
-    from safetensors.torch import save_file
-
-    from minivit.checkpoint import unwrap_model
-    from minivit.vit import VisionTransformer
-
     model = unwrap_model(model)
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, vit.VisionTransformer):
         raise ValueError(f"only a ViT has a Hugging Face ViT layout, the model is {type(model).__name__}")
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -237,28 +227,3 @@ def export_hf(model, folder) -> str:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config(model), f, indent=2)
     return folder
-
-
-def main(argv=None):
-    parser = cli.ArgumentParser(description="Export a ViT checkpoint (ours or official DINO) as a Hugging "
-                                     "Face model folder: config.json + model.safetensors")
-    parser.add_argument("--arch", default="vit_s16", help="a ViT from minivit.models.ARCHS")
-    parser.add_argument("--weights", required=True, help="our checkpoint, an official DINO file or a Hugging "
-                        "Face folder; the teacher's backbone is taken from a full DINO checkpoint")
-    parser.add_argument("--patch_size", type=int, default=None, help="the patch if the ViT was trained with another "
-                        "than its name's (small images)")
-    parser.add_argument("--output_dir", required=True, help="the folder to write; ViTModel.from_pretrained reads it")
-    cli.add_trust_pickle(parser)
-    args = parser.parse_args(argv)
-    cli.check_args(parser, args, positive=("patch_size",))
-
-    from minivit.knn import load_backbone
-
-    if not args.arch.startswith("vit_"):
-        cli.fail(f"--arch {args.arch}: only ViTs have a Hugging Face ViT layout; pick a vit_* arch")
-    model = load_backbone(args.arch, args.weights, args.patch_size, trust_pickle=args.trust_pickle)
-    print(f"wrote {export_hf(model, args.output_dir)}: config.json, model.safetensors")
-
-
-if __name__ == "__main__":
-    main()

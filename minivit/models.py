@@ -13,22 +13,15 @@ differences that are expected and are reported instead (see load_pretrained).
 import math
 import os
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from minivit import checkpoint, hf, resnet, vit
+from minivit import checkpoint, cli, hf, resnet, vit
 
-# arch string -> factory; "/16" in ViT-S/16 is the patch size (ViT Table 1, DINO Table 2)
+# arch string -> factory: the ViTs of vit.ARCHS ("/16" in ViT-S/16 is the patch size), then the ResNets
 ARCHS = {
-    "vit_ti16": partial(vit.vit_tiny, patch_size=16),
-    "vit_s16": partial(vit.vit_small, patch_size=16),
-    "vit_s8": partial(vit.vit_small, patch_size=8),
-    "vit_b16": partial(vit.vit_base, patch_size=16),
-    "vit_b8": partial(vit.vit_base, patch_size=8),
-    "vit_l16": partial(vit.vit_large, patch_size=16),
-    "vit_h14": partial(vit.vit_huge, patch_size=14),
+    **vit.ARCHS,
     "resnet18": resnet.resnet18,
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
@@ -211,3 +204,35 @@ def load_pretrained(model: torch.nn.Module, path_or_state_dict, trust_pickle: bo
     model.load_state_dict({**target, **mapped}, strict=True)  # the keys left out above keep the model's values
     report.loaded = len(mapped)
     return report
+
+
+def load_backbone(arch, weights="none", patch_size=None, small_stem=False, trust_pickle=False):
+    """models.build_model(arch, num_classes=0) built as the checkpoint was trained (patch_size overrides a ViT's
+    patch, small_stem a ResNet's stem), then `weights` loaded: our checkpoint or an official file; "none" keeps the
+    random init. Shared by the evaluation command lines; a bad name, a refused pickle (see trust_pickle in
+    models.load_pretrained) or a mismatching file -> a one-line `error: ...` exit."""
+    options = {k: v for k, v in (("patch_size", patch_size), ("small_stem", small_stem)) if v}
+    with cli.errors():
+        model = build_model(arch, num_classes=0, **options)
+        if str(weights).lower() != "none":
+            print(load_pretrained(model, weights, trust_pickle=trust_pickle))
+    return model
+
+
+def build_backbones(arch, weights, device, trust_pickle=False, **vit_options):
+    """One frozen backbone per (label, path) of parse_weights, built with build_model(arch, num_classes=0,
+    **vit_options) and loaded with load_pretrained (random init when path is None; trust_pickle as there).
+    vit_options (img_size, patch_size) that are None, or given for a ResNet, are left out.
+    -> {label: model in eval mode on device}."""
+    models = {}
+    for label, path in weights:
+        try:
+            options = {k: v for k, v in vit_options.items() if v is not None and arch_family(arch) == "vit"}
+            torch.manual_seed(0)  # the random-init baseline is the same model every run
+            model = build_model(arch, num_classes=0, **options)
+            note = "random init" if path is None else str(load_pretrained(model, path, trust_pickle=trust_pickle))
+        except ValueError as e:
+            cli.fail(f"--weights {label}: {e}")
+        print(f"{label}: {arch}, {note}")
+        models[label] = model.to(device).requires_grad_(False).eval()
+    return models

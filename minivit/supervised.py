@@ -236,7 +236,7 @@ def resume(checkpoint_path, kind: str, args, must_match, model, optimizer, scale
 
 
 def write_results(path, args, test: dict, model, train_set, log_path, info, precision: str) -> dict:
-    """results.json of a finished run (what minivit.compare reads): test accuracy, training speed over the logged
+    """results.json of a finished run (what minivit.tools.compare reads): test accuracy, training speed over the logged
     epochs, parameters and the run's settings. -> the dict written."""
     records = training.read_jsonl(log_path)
     seconds = sum(r["train_seconds"] for r in records)

@@ -15,6 +15,7 @@ add before it, and fc1's bias with GELU.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -297,3 +298,15 @@ def vit_large(patch_size=16, **kwargs):
 def vit_huge(patch_size=16, **kwargs):
     """ViT-H: D 1280, 32 blocks, 16 heads (head_dim 80; 632M parameters at /14)."""
     return VisionTransformer(patch_size=patch_size, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4, **kwargs)
+
+
+# arch name -> factory; "/16" in ViT-S/16 is the patch size (ViT Table 1, DINO Table 2). models.ARCHS adds the ResNets.
+ARCHS = {
+    "vit_ti16": partial(vit_tiny, patch_size=16),
+    "vit_s16": partial(vit_small, patch_size=16),
+    "vit_s8": partial(vit_small, patch_size=8),
+    "vit_b16": partial(vit_base, patch_size=16),
+    "vit_b8": partial(vit_base, patch_size=8),
+    "vit_l16": partial(vit_large, patch_size=16),
+    "vit_h14": partial(vit_huge, patch_size=14),
+}

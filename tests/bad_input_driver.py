@@ -3,7 +3,7 @@ and print one JSON line per run: {"code": exit status, "stderr": what it printed
 tests/test_bad_input.py, which sends each command's whole table of bad inputs here at once (one torch import per
 command instead of one per case).
 
-    python tests/bad_input_driver.py minivit.knn '[["--k", "0"], ["--weights", "notes.txt"]]'
+    python tests/bad_input_driver.py minivit.tools.knn '[["--k", "0"], ["--weights", "notes.txt"]]'
 """
 import contextlib
 import io

@@ -18,7 +18,7 @@ from minivit.augment import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, MultiCr
                              random_crop_params, random_resized_crop, sample_crop_boxes, solarize, to_float)
 from bench.bench import official_crop_box
 from minivit.data import Photos, build_dataset, build_loader
-from minivit.photo_folder import photo
+from minivit.tools.photo_folder import photo
 
 dtypes = st.sampled_from([torch.float32, torch.float64])
 
@@ -324,7 +324,7 @@ def test_empty_batch_passes_through():
 # ------------------------------------------------------------------------------ crops from whole photos (issue 12)
 
 def photo_array(w, h, seed=0):
-    """(h, w, 3) uint8 with photo-like detail (minivit.photo_folder): grain and edges, not smooth gradients."""
+    """(h, w, 3) uint8 with photo-like detail (minivit.tools.photo_folder): grain and edges, not smooth gradients."""
     return np.asarray(photo(seed, 0, (w, h)))
 
 

@@ -64,7 +64,7 @@ def cases(f):
     """command -> [(argv, words the one-line error must contain)]."""
     evil, notes, img = str(f["evil"]), str(f["notes"]), str(f["image"])
     return {
-        "minivit.knn": [
+        "minivit.tools.knn": [
             (["--weights", notes], "not a readable PyTorch file"),
             (["--weights", evil, "--arch", "vit_ti16"], "refused"),
             (["--weights", str(f["vit_ti"]), "--arch", "vit_s16"], "checkpoint of another model?"),
@@ -78,7 +78,7 @@ def cases(f):
             (["--data", str(f["photos"])], "has no"),
             (["--device", "tpu"], "not supported"),
         ],
-        "minivit.attention_maps": [
+        "minivit.tools.attention_maps": [
             (["--image", str(f["notes_jpg"])], "not an image Pillow can read"),
             (["--image", str(f["dir"] / "missing.jpg")], "no such file"),
             (["--image", img, "--mass", "1.5"], "--mass 1.5: must lie in (0, 1]"),
@@ -86,20 +86,20 @@ def cases(f):
             (["--image", img, "--weights", evil, "--arch", "vit_ti16"], "refused"),
             (["--image", img, "--arch", "resnet18"], "no self-attention"),
         ],
-        "minivit.linear": [
+        "minivit.tools.linear": [
             (["--weights", evil, "--arch", "vit_ti16"], "refused"),
             (["--lr", "0"], "--lr 0.0: must be > 0"),
             (["--epochs", "-3"], "--epochs -3: must be > 0"),
             (["--lr", "nan"], "must be a finite number"),
         ],
-        "minivit.segmentation": [
+        "minivit.tools.segmentation": [
             (["--weights", f"x={evil}", "--arch", "vit_ti16"], "refused"),
             (["--weights", f"x={notes}"], "not a readable PyTorch file"),
             (["--mass", "0"], "--mass 0.0: must lie in (0, 1]"),
             (["--data", str(f["dir"] / "voc")], "no such folder"),
             (["--weights", f"x={f['dir'] / 'missing.pth'}"], "no such file"),
         ],
-        "minivit.copydetect": [
+        "minivit.tools.copydetect": [
             (["--weights", f"x={notes}"], "not a readable PyTorch file"),
             (["--weights", f"x={evil}", "--arch", "vit_ti16"], "refused"),
             (["--num_originals", "0"], "--num_originals 0: must be > 0"),
@@ -111,14 +111,14 @@ def cases(f):
             (["--only", "data", "--data", str(f["dir"] / "nowhere")], "no such folder"),
             (["--device", "tpu"], "invalid choice"),
         ],
-        "minivit.hf": [
+        "minivit.tools.export_hf": [
             (["--weights", evil, "--arch", "vit_ti16"], "refused"),
             (["--weights", "none", "--arch", "resnet18"], "only ViTs"),
         ],
-        "minivit.photo_folder": [
+        "minivit.tools.photo_folder": [
             ([str(f["dir"] / "made"), "--images", "0"], "--images 0: must be > 0"),
         ],
-        "minivit.compare": [
+        "minivit.tools.compare": [
             (["--fractions", "1.5"], "--fractions 1.5"),
             (["--epochs", "0"], "--epochs 0: must be > 0"),
             (["--load"], "is missing"),
@@ -169,10 +169,10 @@ def run_cases(command, table, tmp_path):
     return [(argv, words, r["code"], r["stderr"], out) for (argv, words), r, out in zip(table, results, outs)]
 
 
-COMMANDS = ["minivit.knn", "minivit.attention_maps", "minivit.linear", "minivit.segmentation", "minivit.copydetect",
-            "bench/bench.py", "minivit.hf", "minivit.photo_folder", "minivit.compare", "train_vit.py",
+COMMANDS = ["minivit.tools.knn", "minivit.tools.attention_maps", "minivit.tools.linear", "minivit.tools.segmentation", "minivit.tools.copydetect",
+            "bench/bench.py", "minivit.tools.export_hf", "minivit.tools.photo_folder", "minivit.tools.compare", "train_vit.py",
             "train_resnet.py", "train_dino.py"]
-NO_OUTPUT_DIR = ("minivit.knn", "minivit.linear", "bench/bench.py", "minivit.photo_folder")
+NO_OUTPUT_DIR = ("minivit.tools.knn", "minivit.tools.linear", "bench/bench.py", "minivit.tools.photo_folder")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

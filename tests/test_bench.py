@@ -129,7 +129,7 @@ def test_quick_bench_prints_the_vit_table(tmp_path):
 
 def test_data_section_prints_the_yardstick_and_ours_on_a_photo_folder(tmp_path):
     """The data table end to end on 4 small photos (a reduced CPU plan): every row there, none failed."""
-    from minivit.photo_folder import photo
+    from minivit.tools.photo_folder import photo
     for k, size in enumerate([(120, 90), (90, 120), (100, 66), (40, 30)]):
         (tmp_path / f"c{k % 2}").mkdir(exist_ok=True)
         photo(0, k, size).save(tmp_path / f"c{k % 2}" / f"{k}.jpg", quality=90)
@@ -146,7 +146,7 @@ def test_data_section_prints_the_yardstick_and_ours_on_a_photo_folder(tmp_path):
 def test_official_views_are_dinos_recipe(tmp_path):
     import random
 
-    from minivit.photo_folder import photo
+    from minivit.tools.photo_folder import photo
     photo(0, 0, (60, 40)).save(tmp_path / "a.jpg")
     views = bench.official_dino_views(str(tmp_path / "a.jpg"), random.Random(0), 32, 16, local_crops=3)
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3

@@ -14,11 +14,11 @@ from hypothesis import given, strategies as st
 from PIL import Image
 
 from conftest import script_env
-from minivit import compare, copydetect, segmentation
-from minivit.attention_maps import mass_threshold_masks, upsample
-from minivit.copydetect import average_precision, gem, retrieval_metrics
+from minivit.tools import compare, copydetect, segmentation
+from minivit.tools.attention_maps import mass_threshold_masks, upsample
+from minivit.tools.copydetect import average_precision, gem, retrieval_metrics
 from minivit.models import build_model
-from minivit.segmentation import attention_jaccard, jaccard, segmentation_scores
+from minivit.tools.segmentation import attention_jaccard, jaccard, segmentation_scores
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,7 +226,7 @@ def test_compare_trains_then_loads(tmp_path):
     out = tmp_path / "cmp"
     args = ["--fractions", "0.1", "1.0", "--epochs", "3", "--output_dir", str(out), "--vit_script",
             str(tmp_path / "vit.py"), "--resnet_script", str(tmp_path / "resnet.py"), "--vit_args", "--arch vit_x"]
-    run = subprocess.run([sys.executable, "-m", "minivit.compare", *args], cwd=REPO, env=script_env(),
+    run = subprocess.run([sys.executable, "-m", "minivit.tools.compare", *args], cwd=REPO, env=script_env(),
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert json.loads((out / "vit_f0.1" / "results.json").read_text())["epochs"] == 30  # same steps as 3 at 100%
@@ -253,7 +253,7 @@ def test_segmentation_cli(tmp_path):
     path = tmp_path / "vit.pth"
     torch.save({"model": tiny_vit(num_classes=10).state_dict()}, path)
     out = tmp_path / "seg"
-    stdout = run_tool("minivit.segmentation", *TINY, "--weights", f"trained={path}", "random=none",
+    stdout = run_tool("minivit.tools.segmentation", *TINY, "--weights", f"trained={path}", "random=none",
                       "--num_images", "6", "--batch_size", "4", "--num_figures", "2", "--output_dir", str(out))
     results = json.loads((out / "results.json").read_text())
     assert results["setup"]["images"] == 6 and set(results["scores"]) == {"trained", "random"}
@@ -264,7 +264,7 @@ def test_segmentation_cli(tmp_path):
 
 def test_copydetect_cli(tmp_path):
     out = tmp_path / "cd"
-    run_tool("minivit.copydetect", *TINY, "--weights", "random=none", "--num_originals", "3",
+    run_tool("minivit.tools.copydetect", *TINY, "--weights", "random=none", "--num_originals", "3",
              "--num_distractors", "9", "--edits", "crop", "jpeg", "strong", "--output_dir", str(out))
     results = json.loads((out / "results.json").read_text())
     assert results["setup"]["queries"] == 9 and set(results["results"]["random"]) == {"cls", "cls+gem"}

@@ -6,10 +6,11 @@ import torch
 from hypothesis import given, strategies as st
 from torch import nn
 
-from minivit.attention_maps import (cls_attention_maps, load_image, mass_threshold_masks, save_attention_figure,
+from minivit.tools.attention_maps import (cls_attention_maps, load_image, mass_threshold_masks, save_attention_figure,
                                     upsample)
-from minivit.knn import extract_features, knn_classifier, load_backbone
-from minivit.linear import (LinearClassifier, dino_probe_recipe, evaluate, feature_dim, image_batches, make_optimizer,
+from minivit.models import load_backbone
+from minivit.tools.knn import extract_features, knn_classifier
+from minivit.tools.linear import (LinearClassifier, dino_probe_recipe, evaluate, feature_dim, image_batches, make_optimizer,
                             probe_features, tensor_batches, train_one_epoch)
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
@@ -274,7 +275,7 @@ def run_module(module, *args, cwd=None):
 
 
 def test_knn_cli_random_init_baseline():
-    out = run_module("minivit.knn", "--arch", "vit_ti16", "--weights", "none", "--data", "digits",
+    out = run_module("minivit.tools.knn", "--arch", "vit_ti16", "--weights", "none", "--data", "digits",
                      "--image_size", "16", "--k", "1", "20", "--batch_size", "512", "--num_workers", "0")
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["20"])]
     assert [r[0] for r in rows] == ["1", "20"], out
@@ -285,10 +286,10 @@ def test_knn_cli_random_init_baseline():
 def test_linear_cli_with_and_without_augmentation():
     # 16 px = one patch per image with vit_ti16: the cheapest ViT forward there is
     common = ["--arch", "vit_ti16", "--data", "digits", "--image_size", "16", "--lr", "0.05", "--num_workers", "0"]
-    out = run_module("minivit.linear", *common, "--epochs", "3", "--no_aug", "--batch_size", "256")
+    out = run_module("minivit.tools.linear", *common, "--epochs", "3", "--no_aug", "--batch_size", "256")
     assert "CLS tokens of the last 4 blocks" in out and "epoch   3/3" in out, out
     assert 50.0 < float(out.split("best top-1:")[1].strip().rstrip("%")) <= 100.0, out
-    out = run_module("minivit.linear", *common, "--epochs", "1", "--batch_size", "512")   # with augmentation
+    out = run_module("minivit.tools.linear", *common, "--epochs", "1", "--batch_size", "512")   # with augmentation
     assert "epoch   1/1" in out and "best top-1" in out, out
 
 
@@ -301,7 +302,7 @@ def test_attention_maps_cli_any_image_size(tmp_path):
     torch.manual_seed(0)
     torch.save(build_model("vit_ti16", patch_size=8).state_dict(), tmp_path / "vit_ti8.pth")   # a small-image run
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "x.png")
-    out = run_module("minivit.attention_maps", "--arch", "vit_ti16", "--patch_size", "8", "--weights",
+    out = run_module("minivit.tools.attention_maps", "--arch", "vit_ti16", "--patch_size", "8", "--weights",
                      tmp_path / "vit_ti8.pth", "--image", tmp_path / "x.png", "--image_size", "40",
                      "--output_dir", tmp_path / "maps")
     path = out.strip().splitlines()[-1]

@@ -1,4 +1,4 @@
-"""The attention explorer (minivit/explorer.py, `python -m minivit.attention_maps --html`): the page's data decode
+"""The attention explorer (minivit/tools/explorer.py, `python -m minivit.tools.attention_maps --html`): the page's data decode
 to the model's attention, and in a real browser (headless Chromium) hovering two patches draws two different maps,
 each the model's attention row of the hovered patch in the page's colour map, per head and averaged."""
 import base64
@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from conftest import run_command
-from minivit.attention_maps import cls_attention_maps, load_image, main, mass_threshold_masks
+from minivit.tools.attention_maps import cls_attention_maps, load_image, main, mass_threshold_masks
 from minivit.augment import normalize
-from minivit.explorer import check_size, colormap_lut, quantise_rows
+from minivit.tools.explorer import check_size, colormap_lut, quantise_rows
 from minivit.models import build_model
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")

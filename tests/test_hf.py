@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minivit import hf
+from minivit.tools import export_hf
 from minivit.models import build_model, load_pretrained
 from test_vit import functional_vit, randomize_, tiny_vit
 
@@ -97,8 +98,8 @@ def test_export_then_load_round_trips_exactly(tmp_path):
 def test_export_command_line(tmp_path):
     source = randomize_(build_model("vit_ti16", patch_size=8), seed=5).eval()
     torch.save(source.state_dict(), tmp_path / "backbone.pth")
-    hf.main(["--arch", "vit_ti16", "--patch_size", "8", "--weights", str(tmp_path / "backbone.pth"),
-             "--output_dir", str(tmp_path / "out")])
+    export_hf.main(["--arch", "vit_ti16", "--patch_size", "8", "--weights", str(tmp_path / "backbone.pth"),
+                   "--output_dir", str(tmp_path / "out")])
     model = build_model("vit_ti16", patch_size=8).eval()
     load_pretrained(model, tmp_path / "out")
     x = torch.randn(1, 3, 32, 32)

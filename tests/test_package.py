@@ -38,7 +38,7 @@ def test_pip_install_into_a_fresh_venv_imports_from_any_folder(venv, tmp_path):
                         "print(minivit.kernels.__file__)"], cwd=tmp_path, env=env)
     site = str(folder / "lib")
     assert all(line.startswith(site) for line in proc.stdout.split()), proc.stdout  # the installed copy, not ROOT
-    proc = run_command([python, "-m", "minivit.knn", "--help"], cwd=tmp_path, env=env)
+    proc = run_command([python, "-m", "minivit.tools.knn", "--help"], cwd=tmp_path, env=env)
     assert "Weighted k-NN" in proc.stdout
 
 

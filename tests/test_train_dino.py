@@ -12,7 +12,7 @@ import torch
 
 import train_dino
 from conftest import run_command, script_env
-from minivit.dino_figure import attention_pair, knn_curve, main as dino_main
+from minivit.tools.dino_figure import attention_pair, knn_curve, main as dino_main
 from minivit.models import build_model, load_pretrained
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
@@ -138,7 +138,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_resume_is_exact_on_a_folder_of_photos(tmp_path):
     """The same on whole photos of mixed sizes and orientations (data.Photos batches, crops over each photo)."""
-    from minivit.photo_folder import photo
+    from minivit.tools.photo_folder import photo
     for k, size in enumerate([(40, 30), (30, 40), (50, 33), (24, 24)] * 2):
         (tmp_path / "photos" / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
         photo(0, k, size).save(tmp_path / "photos" / f"c{k % 2}" / f"{k}.jpg", quality=90)

@@ -20,7 +20,7 @@ from conftest import run_command, script_env
 from minivit import checkpoint, distributed, training
 from minivit.data import ImageFolderDataset, build_dataset
 from minivit.dino import DINOHead, DINOLoss, MultiCropWrapper
-from minivit.knn import extract_features
+from minivit.tools.knn import extract_features
 from minivit.models import build_model, load_pretrained
 from test_bad_input import Payload
 

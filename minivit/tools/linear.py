@@ -6,8 +6,8 @@ through the final norm (`--n_last_blocks 4`); ViT-B uses the last CLS token and 
 no weight decay, lr = 0.001 * batch / 256, cosine to 0 over the epochs, random-resized-crop of the whole photo + flip
 for training, resize + centre crop for evaluation, 100 epochs on ImageNet.
 
-    python -m minivit.linear --arch vit_s16 --weights dino_deitsmall16_pretrain.pth --data /path/to/imagenet
-    python -m minivit.linear --arch vit_ti16 --weights ckpt.pth --data digits --image_size 32 --no_aug --epochs 50
+    python -m minivit.tools.linear --arch vit_s16 --weights dino_deitsmall16_pretrain.pth --data /path/to/imagenet
+    python -m minivit.tools.linear --arch vit_ti16 --weights ckpt.pth --data digits --image_size 32 --no_aug --epochs 50
 """
 import argparse
 import time
@@ -153,7 +153,8 @@ def main(argv=None):
 
     from minivit.augment import SupervisedAugment
     from minivit.data import build_dataset, build_loader, describe
-    from minivit.knn import eval_transform, load_backbone
+    from minivit.models import load_backbone
+    from minivit.tools.knn import eval_transform
 
     with cli.errors():
         args.device = distributed.pick_device(args.device)

@@ -5,9 +5,9 @@ biases (locality, translation equivariance) and must learn them from data: with 
 size wins, with a lot the ViT catches up and passes it. This command trains both (train_vit.py and train_resnet.py,
 as subprocesses) on 10%, 30% and 100% of the training images and plots test accuracy against the fraction.
 
-    python -m minivit.compare                                    # offline: digits, ViT-Ti/4 vs ResNet-18 (CPU)
-    python -m minivit.compare --load                             # redo the report from the runs' results.json
-    python -m minivit.compare --data /data/cifar10 --epochs 100 --common_args "--image_size 32 --load_size 32" \\
+    python -m minivit.tools.compare                                    # offline: digits, ViT-Ti/4 vs ResNet-18 (CPU)
+    python -m minivit.tools.compare --load                             # redo the report from the runs' results.json
+    python -m minivit.tools.compare --data /data/cifar10 --epochs 100 --common_args "--image_size 32 --load_size 32" \\
         --vit_args "--arch vit_s16 --patch_size 4" --resnet_args "--arch resnet18 --small_stem"   # one GPU
 
 Budget: with --budget steps (default) a run on a fraction f trains for epochs / f epochs, so every run takes the

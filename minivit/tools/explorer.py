@@ -11,7 +11,7 @@ is exact up to that rounding, the masks as uint8, the image as a PNG, all base64
 784 patches, 6 x 785 x 784 bytes = 3.7 MB (4.9 MB of base64). The attention grows as N^2: check_size refuses pages
 above MAX_BYTES with the --image_size that fits.
 
-    python -m minivit.attention_maps --arch vit_s8 --weights dino_deitsmall8_pretrain.pth --image cat.jpg \
+    python -m minivit.tools.attention_maps --arch vit_s8 --weights dino_deitsmall8_pretrain.pth --image cat.jpg \
         --image_size 224 --html cat.html          # open cat.html; cat.html#patch=5,9&head=2 opens at that patch
 """
 import base64

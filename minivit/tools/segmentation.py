@@ -6,9 +6,9 @@ index (intersection over union). DINO's protocol (Mathilde Caron, facebookresear
 ground-truth object of an image, the head whose mask matches it best; averaged over the objects of the image, then
 over the images. The report also gives the best single head over the whole set and the mean over heads.
 
-    python -m minivit.segmentation --arch vit_s8 --weights dino=runs/dino/teacher_backbone.pth \\
+    python -m minivit.tools.segmentation --arch vit_s8 --weights dino=runs/dino/teacher_backbone.pth \\
         supervised=runs/vit_shapes/checkpoint.pt random=none                 # offline: 200 test shapes, masks known
-    python -m minivit.segmentation --arch vit_s16 --weights dino=dino_deitsmall16_pretrain.pth random=none \\
+    python -m minivit.tools.segmentation --arch vit_s16 --weights dino=dino_deitsmall16_pretrain.pth random=none \\
         --data VOCdevkit/VOC2012 --image_set val                              # PASCAL VOC12, as the paper's Table 4
 
 --data is "shapes" (the offline set draws its objects, so it knows their pixels) or a folder in PASCAL VOC layout:
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from minivit import checkpoint, cli, distributed
-from minivit.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure, upsample
+from minivit.cli import parse_weights
+from minivit.models import build_backbones
+from minivit.tools.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure, upsample
 
 VOID = 255  # PASCAL VOC's label for object borders and unlabelled pixels
 
@@ -74,45 +76,6 @@ def segmentation_scores(object_iou, image_index):
 
 
 # --------------------------------------------------------------------------------------- models named on the CLI
-
-def parse_weights(specs):
-    """['dino=runs/dino/teacher_backbone.pth', 'random=none', 'file.pth'] -> [(label, path or None)]. Without a
-    label the file's stem names it ('random' for none). A one-line error exit on a repeated label or a missing
-    file."""
-    parsed = []
-    for spec in specs:
-        label, sep, path = spec.partition("=")
-        if not sep or os.path.exists(spec):
-            path = spec
-            label = "random" if spec.lower() == "none" else os.path.splitext(os.path.basename(spec))[0]
-        path = None if path.lower() == "none" else path
-        if path is not None and not os.path.isfile(path):
-            cli.fail(f"--weights {spec}: no such file {path!r}; give label=PATH or label=none (random init)")
-        if label in (name for name, _ in parsed):
-            cli.fail(f"--weights: the label {label!r} appears twice; give each file its own label=PATH")
-        parsed.append((label, path))
-    return parsed
-
-
-def build_backbones(arch, weights, device, trust_pickle=False, **vit_options):
-    """One frozen backbone per (label, path) of parse_weights, built with build_model(arch, num_classes=0,
-    **vit_options) and loaded with load_pretrained (random init when path is None; trust_pickle as there).
-    vit_options (img_size, patch_size) that are None, or given for a ResNet, are left out.
-    -> {label: model in eval mode on device}."""
-    from minivit.models import arch_family, build_model, load_pretrained
-
-    models = {}
-    for label, path in weights:
-        try:
-            options = {k: v for k, v in vit_options.items() if v is not None and arch_family(arch) == "vit"}
-            torch.manual_seed(0)  # the random-init baseline is the same model every run
-            model = build_model(arch, num_classes=0, **options)
-            note = "random init" if path is None else str(load_pretrained(model, path, trust_pickle=trust_pickle))
-        except ValueError as e:
-            cli.fail(f"--weights {label}: {e}")
-        print(f"{label}: {arch}, {note}")
-        models[label] = model.to(device).requires_grad_(False).eval()
-    return models
 
 
 # ------------------------------------------------------------------------------------------------ images + masks

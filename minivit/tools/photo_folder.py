@@ -1,7 +1,7 @@
 """A realistic photo folder made on the spot (no download): what the data pipeline is tested and measured on.
 
-    python -m minivit.photo_folder /tmp/photos --images 256 --classes 4      # ~50 MB, ~1 min on one core
-    python -m minivit.photo_folder /tmp/photos --images 2560 --classes 8 --processes 16   # bench/gpu_check.sh
+    python -m minivit.tools.photo_folder /tmp/photos --images 256 --classes 4      # ~50 MB, ~1 min on one core
+    python -m minivit.tools.photo_folder /tmp/photos --images 2560 --classes 8 --processes 16   # bench/gpu_check.sh
 
 Sizes follow ImageNet's training set, where most photos are 500 x 375, 375 x 500 or 500 x 333 and a few are far
 larger or tiny (SIZES below, with their shares). The content is photo-like rather than flat: a 1/f ("pink") colour

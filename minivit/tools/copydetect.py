@@ -7,9 +7,9 @@ report gives the mean average precision and how often the original comes first (
 Features: the final-norm CLS token, and, as in the paper, the CLS token concatenated with the GeM-pooled (p=4)
 output patch tokens. (The paper also learns a PCA whitening on 20k distractors; not done here.)
 
-    python -m minivit.copydetect --arch vit_s8 --weights dino=runs/dino/teacher_backbone.pth \\
+    python -m minivit.tools.copydetect --arch vit_s8 --weights dino=runs/dino/teacher_backbone.pth \\
         supervised=runs/vit_shapes/checkpoint.pt random=none       # offline: 50 test shapes among 500 train ones
-    python -m minivit.copydetect --arch vit_b8 --weights dino=dino_vitbase8_pretrain.pth --data photos/ \\
+    python -m minivit.tools.copydetect --arch vit_b8 --weights dino=dino_vitbase8_pretrain.pth --data photos/ \\
         --image_size 224 --num_originals 200 --num_distractors 5000   # any folder of photos
 
 --data is 'shapes', 'digits', or a folder: an ImageNet/CIFAR-style one uses its test split for the originals and
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 from minivit import checkpoint, cli, distributed
-from minivit.segmentation import build_backbones, parse_weights
+from minivit.cli import parse_weights
+from minivit.models import build_backbones
 
 
 # ---------------------------------------------------------------------------------------------------- the metrics

@@ -4,8 +4,8 @@ In the last block, the CLS query's softmax attention over the patch tokens gives
 ViTs segment objects in these maps without ever seeing a mask. A map is shown at the patch grid, upsampled by the
 patch size (nearest), and thresholded to keep the most-attended patches holding 60% of the attention mass.
 
-    python -m minivit.attention_maps --arch vit_s8 --weights dino_deitsmall8_pretrain.pth --image photo.jpg
-    python -m minivit.attention_maps ... --image photo.jpg --image_size 224 --html photo.html   # explorer.py
+    python -m minivit.tools.attention_maps --arch vit_s8 --weights dino_deitsmall8_pretrain.pth --image photo.jpg
+    python -m minivit.tools.attention_maps ... --image photo.jpg --image_size 224 --html photo.html   # explorer.py
 """
 import os
 
@@ -134,7 +134,7 @@ def main(argv=None):
     cli.check_args(parser, args, positive=("image_size", "patch_size"), fraction=("mass",))
 
     from minivit.augment import normalize
-    from minivit.knn import load_backbone
+    from minivit.models import load_backbone
 
     if not args.arch.startswith("vit_"):
         cli.fail(f"--arch {args.arch} has no self-attention: pick a ViT (vit_s8, vit_s16, vit_b8, ...)")
@@ -165,9 +165,9 @@ def main(argv=None):
 
 
 def write_html(model, args):
-    """The --html page for args.image[0] (minivit/explorer.py); returns its path."""
+    """The --html page for args.image[0] (minivit/tools/explorer.py); returns its path."""
     from minivit.augment import normalize
-    from minivit.explorer import check_size, write_explorer
+    from minivit.tools.explorer import check_size, write_explorer
 
     if len(args.image) != 1 or not os.path.isfile(args.image[0]):
         cli.fail(f"--html writes one page: pass one existing --image (got {' '.join(args.image)})")

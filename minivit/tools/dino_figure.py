@@ -3,7 +3,7 @@ against wall time for each run, with the random-init and raw-pixel baselines dra
 teacher's CLS attention (mean over heads, last block) of the same test images before training and at the end of
 the first run.
 
-    python -m minivit.dino_figure runs/dino:"CPU, 10 min" runs/dino_1h:"CPU, 1 h" --out docs/dino_result.png
+    python -m minivit.tools.dino_figure runs/dino:"CPU, 10 min" runs/dino_1h:"CPU, 1 h" --out docs/dino_result.png
 """
 import argparse
 from pathlib import Path

@@ -5,9 +5,9 @@ No training at all: every test image is classified by the labels of its k neares
 neighbour voting with weight exp(cos_sim / T), T = 0.07. Features are the final-norm CLS token of the (teacher)
 backbone, L2-normalised, so the cosine similarity is a plain dot product.
 
-    python -m minivit.knn --arch vit_s16 --weights dino_deitsmall16_pretrain.pth --data /path/to/imagenet
-    python -m minivit.knn --arch vit_ti16 --weights none --data digits --image_size 32      # random-init baseline
-    python -m minivit.knn --raw_pixels --data digits --image_size 32                       # raw-pixel baseline
+    python -m minivit.tools.knn --arch vit_s16 --weights dino_deitsmall16_pretrain.pth --data /path/to/imagenet
+    python -m minivit.tools.knn --arch vit_ti16 --weights none --data digits --image_size 32      # random-init baseline
+    python -m minivit.tools.knn --raw_pixels --data digits --image_size 32                       # raw-pixel baseline
 """
 import time
 
@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivit import cli, distributed
+from minivit.augment import EvalTransform
+from minivit.data import ImageFolderDataset, build_dataset, build_loader, describe
+from minivit.models import load_backbone
 
 
 @torch.no_grad()  # not inference_mode: a linear probe may train on these, and autograd refuses inference tensors
@@ -109,9 +112,6 @@ def eval_transform(dataset, image_size=None):
     float). Photos (an image folder, decoded as 256 px squares) are resized to image_size * 256/224 and centre-cropped
     to image_size: the ImageNet protocol, 256 -> 224. The small square sets (shapes, digits, CIFAR) are only resized
     to image_size, nothing cut off. image_size=None: 224 for photos, the data set's load_size otherwise."""
-    from minivit.augment import EvalTransform
-    from minivit.data import ImageFolderDataset
-
     photos = isinstance(dataset, ImageFolderDataset)
     size = image_size or (224 if photos else dataset.load_size)
     return EvalTransform(size, resize=round(size * 256 / 224) if photos else None)
@@ -122,8 +122,6 @@ def knn_eval(model, train_set, test_set, device, ks=(10, 20, 100, 200), T=0.07, 
     """Extract features of both minivit.data sets with the frozen `model` (evaluation view: eval_transform) and run
     the weighted k-NN for every k; train_dino.py calls this. distributed=None follows torch.distributed.
     Returns {k: (top1, top5)} in percent; a k larger than the training set is skipped."""
-    from minivit.data import build_loader
-
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized()
     transform = eval_transform(train_set, image_size)
@@ -136,20 +134,6 @@ def knn_eval(model, train_set, test_set, device, ks=(10, 20, 100, 200), T=0.07, 
     return {k: knn_classifier(train_f, train_y, test_f, test_y, k=k, T=T, num_classes=train_set.num_classes)
             for k in ks if k <= train_f.shape[0]}
 
-
-def load_backbone(arch, weights="none", patch_size=None, small_stem=False, trust_pickle=False):
-    """models.build_model(arch, num_classes=0) built as the checkpoint was trained (patch_size overrides a ViT's
-    patch, small_stem a ResNet's stem), then `weights` loaded: our checkpoint or an official file; "none" keeps the
-    random init. Shared by the evaluation command lines; a bad name, a refused pickle (see trust_pickle in
-    models.load_pretrained) or a mismatching file -> a one-line `error: ...` exit."""
-    from minivit.models import build_model, load_pretrained
-
-    options = {k: v for k, v in (("patch_size", patch_size), ("small_stem", small_stem)) if v}
-    with cli.errors():
-        model = build_model(arch, num_classes=0, **options)
-        if str(weights).lower() != "none":
-            print(load_pretrained(model, weights, trust_pickle=trust_pickle))
-    return model
 
 
 def format_table(results):
@@ -182,8 +166,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("k", "temperature", "batch_size", "image_size", "patch_size"),
                    non_negative=("num_workers",))
-
-    from minivit.data import build_dataset, describe
 
     with cli.errors():
         device = distributed.pick_device(args.device)
