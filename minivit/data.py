@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from minivit.distributed import print0
+
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -267,13 +269,49 @@ def cifar_dataset(folder, split, load_size=32):
     return TensorImageDataset(images, targets, classes, load_size, "cifar10" if cifar10 else "cifar100", split)
 
 
-def _to_rgb(image):
-    """Any Pillow image -> an RGB one: greyscale, CMYK, RGBA (alpha dropped), palette, 16-bit greyscale, ..."""
-    if image.mode.startswith("I"):  # 16-bit greyscale (PNG, TIFF): keep the high byte
-        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    elif image.mode == "P":  # palette, maybe with a transparent colour: through RGBA, as Pillow advises
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+def open_image(path):
+    """Image.open(path) (lazy: the header only), with the ways a file fails before decoding as one-line ValueErrors
+    naming it: missing (or a dangling symlink), unreadable, not an image, and larger than Pillow's decompression-bomb
+    limit (PIL.Image.MAX_IMAGE_PIXELS, ~89 Mpx). Pillow only warns between 1x and 2x that limit and decodes
+    anyway; here the limit itself refuses, since a 90 Mpx photo is ~270 MB decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(f"{path} has more pixels than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} "
+                             "(PIL.Image.MAX_IMAGE_PIXELS, its guard against decompression bombs); shrink the "
+                             "image, or raise PIL.Image.MAX_IMAGE_PIXELS in Python if you trust the file") from None
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file (or a symlink to nothing); check the path") from None
+        except PermissionError:
+            raise ValueError(f"{path}: permission denied; make it readable (chmod a+r) or remove it") from None
+        except (Image.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{path} is not an image Pillow can read ({type(e).__name__}); pass JPEG or PNG "
+                             "files") from None
+
+
+def to_rgb(image, path=""):
+    """Any Pillow image -> a decoded RGB one: greyscale, CMYK, RGBA (alpha dropped), palette, and high bit depths
+    scaled to 8 bits (16-bit greyscale PNG/TIFF: the high byte; convert("RGB") would clip them to white). Pixels
+    that have no 8-bit meaning (32-bit float, integers beyond 16 bits) and truncated files are refused in one line
+    naming `path` (ValueError)."""
+    try:
+        if image.mode.startswith("I"):  # 16-bit greyscale ("I;16", or "I" holding 0..65535): keep the high byte
+            pixels = np.asarray(image)
+            if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+                raise ValueError(f"{path}: {image.mode} pixels beyond 16 bits ({pixels.min()}..{pixels.max()}); "
+                                 "convert the image to 8 or 16 bits per channel")
+            image = Image.fromarray((pixels.astype(np.uint32) >> 8).astype(np.uint8))
+        elif image.mode == "F":
+            raise ValueError(f"{path}: 32-bit float pixels (mode F, e.g. a scientific TIFF) have no fixed 8-bit "
+                             "scale; convert the image to 8 or 16 bits per channel")
+        elif image.mode == "P":  # palette, maybe with a transparent colour: through RGBA, as Pillow advises
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+    except (OSError, SyntaxError) as e:  # a truncated or corrupt file fails here, when its pixels are decoded
+        raise ValueError(f"{path} could not be decoded ({type(e).__name__}: {e}); the file is truncated or "
+                         "corrupt: replace it") from None
 
 
 def _to_tensor(image, channels_last=False):
@@ -288,9 +326,9 @@ def load_image(path, load_size):
     load_size x load_size square: -> uint8 tensor (3, load_size, load_size). Smaller images are upscaled.
     The evaluation view: with load_size 256, EvalTransform(224, resize=256) then gives Resize(256) +
     CenterCrop(224) of the whole photo, the ImageNet protocol."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image.draft("RGB", (load_size, load_size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale if still >= load_size
-        image = _to_rgb(image)
+        image = to_rgb(image, path)
         w, h = image.size
         side = min(w, h)  # resize + centre crop in one step: resample the central square only
         box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
@@ -315,11 +353,11 @@ def load_photo(path, min_pixels):
     The cap, and why: a decoded photo keeps fewer than 4 x min_pixels pixels (each factor 2 would halve both
     sides), e.g. a 4000 x 3000 photo becomes 500 x 375. More would change no crop by more than resampling twice
     does, and it bounds the padded canvas of a batch (data.Photos) to ~0.74 Mpx per photo for DINO's crops."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         k = shrink_factor(*image.size, min_pixels)
         if k > 1:  # a no-op for anything but JPEG
             image.draft("RGB", (image.size[0] // k, image.size[1] // k))
-        image = _to_rgb(image)
+        image = to_rgb(image, path)
         k = shrink_factor(*image.size, min_pixels, factors=range(int((image.size[0] * image.size[1] / min_pixels)
                                                                        ** 0.5), 1, -1))
         return _to_tensor(image.reduce(k) if k > 1 else image, channels_last=True)
@@ -406,6 +444,28 @@ class ImageFolderDataset(Dataset):
         self.num_classes, self.load_size, self.source, self.split = len(self.classes), load_size, root, split
         self.min_pixels = min_pixels  # None: load_size squares; else whole photos (data.Photos batches)
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # seen by all workers
+        self._check_some_decode(train if split == "train" else val)
+
+    def _decode(self, path):
+        return load_image(path, self.load_size) if self.min_pixels is None else load_photo(path, self.min_pixels)
+
+    def _check_some_decode(self, folder):
+        """The one rule for every loader of a folder: at least one of its images must decode, else a one-line
+        ValueError naming the folder and how many files failed (zero-byte files, junk named .jpg, dangling
+        symlinks), instead of an empty batch deep inside training or evaluation. Stops at the first image that
+        decodes (one decode for a healthy folder); the files that fail later are skipped by __getitem__ and
+        counted in num_skipped, as describe() says."""
+        first = None
+        for path, _ in self.samples:
+            try:
+                self._decode(path)
+                return
+            except Exception as error:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+                # open_image / to_rgb name the file and the reason; other decoder errors get both here
+                first = first or (str(error).split(";")[0] if isinstance(error, ValueError) else
+                                  f"{path}: {type(error).__name__}")
+        raise ValueError(f"{folder}: none of its {len(self.samples)} image files could be decoded (the first: "
+                         f"{first}); replace the unreadable files, or point --data at a folder of images")
 
     def __len__(self):
         return len(self.samples)
@@ -421,8 +481,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            image = load_image(path, self.load_size) if self.min_pixels is None else load_photo(path, self.min_pixels)
-            return image, label
+            return self._decode(path), label
         except Exception as error:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
             if not self.bad[i]:
                 self.bad[i] = True
@@ -484,18 +543,42 @@ class Loader(DataLoader):
         self.sampler.set_epoch(epoch)
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask: what a SLURM job or taskset grants), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_noted_caps = set()  # the --num_workers values already reported, so that each is said once per process
+
+
+def cap_workers(num_workers: int) -> int:
+    """num_workers, or the usable cores when it asks for more: each worker is a whole process (its own copy of the
+    data set, ~100 MB with torch), and more of them than cores only queue for the same cores. Says so once, in one
+    line."""
+    cpus = usable_cpus()
+    if num_workers <= cpus:
+        return num_workers
+    if num_workers not in _noted_caps:
+        _noted_caps.add(num_workers)
+        print0(f"note: --num_workers {num_workers} is more than the {cpus} CPU cores this process may use; "
+              f"using {cpus} loader processes")
+    return cpus
+
+
 def build_loader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=0, seed=0, distributed=False):
     """-> Loader yielding (images uint8 (B, 3, S, S), labels int64 (B,)), or (data.Photos, labels) for a data set of
     whole photos (min_pixels set). The order is a permutation drawn from
     seed + epoch (DistributedSampler's rule; with distributed=True each process reads every world_size-th image of
     it, and with drop_last=False the last few are repeated so that all processes get as many).
-    B = batch_size, except in the last batch when drop_last=False and in a batch holding unreadable files."""
+    B = batch_size, except in the last batch when drop_last=False and in a batch holding unreadable files.
+    num_workers is capped at the usable CPU cores (cap_workers)."""
     # one replica unless distributed: the same sampler, and so the same order, for a single process
     replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **replicas)
     if drop_last and len(sampler) < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {len(sampler)} images per process and "
                          f"drop_last=True leaves no batch; lower the batch size")
+    num_workers = cap_workers(num_workers)  # --num_workers 1000 would start 1000 processes
     collate = partial(_collate, load_size=dataset.load_size, photos=getattr(dataset, "min_pixels", None) is not None)
     return Loader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
                   collate_fn=collate, pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
