@@ -336,8 +336,8 @@ def attention_figures(backbone, images, gt_masks, folder, epoch):
     os.makedirs(folder, exist_ok=True)
     for i in range(min(2, len(images))):
         save_attention_figure(images[i] * std + mean, attn[i], masks[i], os.path.join(folder, f"ep{epoch:04d}_{i}.png"))
-    torch.save(dict(images=(images[:8] * std + mean).clamp(0, 1).cpu(), attn=attn[:8].cpu()),
-               os.path.join(folder, f"ep{epoch:04d}.pt"))
+    with checkpoint.atomic_write(os.path.join(folder, f"ep{epoch:04d}.pt")) as tmp:
+        torch.save(dict(images=(images[:8] * std + mean).clamp(0, 1).cpu(), attn=attn[:8].cpu()), tmp)
     if gt_masks is None:
         return None
     p = backbone.patch_size  # ground truth at the patch grid: a patch is object when most of its pixels are
@@ -378,14 +378,16 @@ def evaluate(teacher, knn_sets, attention, args, info, out, epoch):
 def save_teacher_backbone(teacher, out):
     """The teacher's backbone alone, named as a plain backbone (the official "backbone only" file), and the same
     tensors as safetensors (loading it runs no code: what the Hugging Face Hub holds); each written atomically."""
-    tmp = out / ".teacher_backbone.pth.tmp"
-    torch.save(teacher.backbone.state_dict(), tmp)
-    os.replace(tmp, out / "teacher_backbone.pth")
-    save_safetensors({k: v.contiguous() for k, v in teacher.backbone.state_dict().items()}, tmp)
-    os.replace(tmp, out / "teacher_backbone.safetensors")
+    with checkpoint.atomic_write(out / "teacher_backbone.pth") as tmp:
+        torch.save(teacher.backbone.state_dict(), tmp)
+    with checkpoint.atomic_write(out / "teacher_backbone.safetensors") as tmp:
+        save_safetensors({k: v.contiguous() for k, v in teacher.backbone.state_dict().items()}, str(tmp))
 
 
-def train_dino(args):
+def train_dino(args, run=None):
+    """The run, in the official train_dino's sections; `run` (checkpoint.stop_cleanly) is told of every checkpoint
+    saved, for the line Ctrl-C or SIGTERM prints."""
+    run = run or checkpoint.RunOnDisk(__file__, [])
     offline = args.data is None
     with cli.errors():  # bad flags, folders and files end here with a one-line error
         check_flags(args)
@@ -420,6 +422,7 @@ def train_dino(args):
         if args.resume:
             start_epoch, baselines = restart_from_checkpoint(ckpt_path, args, student, teacher, optimizer,
                                                              dino_loss, scaler, world)
+            run.saved(ckpt_path, start_epoch)
             training.trim_log(out / "log.jsonl", start_epoch)  # killed after logging an epoch but before saving it
 
     logger = training.JsonlLogger(out / "log.jsonl")
@@ -442,7 +445,7 @@ def train_dino(args):
                      student={"module." + k: v for k, v in student.state_dict().items()},  # as official DDP's
                      teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                      fp16_scaler=scaler.state_dict(), knn_baselines=baselines, rng=checkpoint.rng_state())
-        checkpoint.save_checkpoint(ckpt_path, state)
+        run.save(ckpt_path, state)  # checkpoint.save_checkpoint, noting the epoch a Ctrl-C would resume from
         if args.saveckp_freq and epoch % args.saveckp_freq == 0:
             checkpoint.save_checkpoint(out / f"checkpoint{epoch:04}.pth", state)
         logger.log(record)
@@ -523,7 +526,8 @@ def train_one_epoch(student, teacher, student_ddp, dino_loss, loader, optimizer,
 
 
 def main(argv=None):
-    train_dino(parse_args(argv))
+    with checkpoint.stop_cleanly(__file__, argv) as run:  # Ctrl-C, SIGTERM: one line, the saved epoch, the command
+        train_dino(parse_args(argv), run)
     distributed.cleanup_distributed()
 
 

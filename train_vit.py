@@ -177,8 +177,9 @@ def build_model_and_optimizer(args, info, train_set, steps):
     return raw_model, memory_format, optimizer, lr_schedule, wd_schedule
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def train(args, run):
+    """The run: setup, data, model, optional resume, the epoch loop, the final report; `run`
+    (checkpoint.stop_cleanly) is told of every checkpoint saved, for the line Ctrl-C or SIGTERM prints."""
     info, precision, out, generator = setup(args)
     with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
         augment, train_set, train_loader, test_loader, eval_transform, steps = build_data(args, info)
@@ -189,6 +190,7 @@ def main(argv=None):
     start_epoch = 0
     if args.resume:
         start_epoch = resume(ckpt_path, KIND, args, RESUME_MUST_MATCH, raw_model, optimizer, scaler, generator)
+        run.saved(ckpt_path, start_epoch)
         training.trim_log(log_path, start_epoch)  # a run killed after logging an epoch but before saving it
     elif info.is_main and log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log
@@ -215,9 +217,9 @@ def main(argv=None):
                                f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
                                f"{train['images_per_s']:.0f} img/s")
         logger.log(record)
-        checkpoint.save_checkpoint(ckpt_path, {"kind": KIND, "model": raw_model.state_dict(), "epoch": epoch + 1,
-                                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                             "args": vars(args), "rng": checkpoint.rng_state({"augment": generator})})
+        run.save(ckpt_path, {"kind": KIND, "model": raw_model.state_dict(), "epoch": epoch + 1,
+                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                             "args": vars(args), "rng": checkpoint.rng_state({"augment": generator})})
     if end_epoch < args.epochs:
         distributed.print0(f"stopped after epoch {end_epoch} of {args.epochs} (--stop_after); continue with --resume")
         distributed.cleanup_distributed()
@@ -231,6 +233,12 @@ def main(argv=None):
         write_results(out / "results.json", args, test, raw_model, train_set, log_path, info, precision)
     distributed.print0(f"test top-1 {test['top1']:.1f}% top-5 {test['top5']:.1f}%")
     distributed.cleanup_distributed()
+
+
+
+def main(argv=None):
+    with checkpoint.stop_cleanly(__file__, argv) as run:  # Ctrl-C, SIGTERM: one line, the saved epoch, the command
+        train(parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Checkpoints and the run's folder: atomic saves of plain types only, loading without unpickling arbitrary objects
-(the pickle policy), the RNG state that makes --resume exact, and the output folder's checks and lock.
+(the pickle policy), the RNG state that makes --resume exact, the output folder's checks and lock, and the one-line
+stop on Ctrl-C / SIGTERM that says which epoch is saved and the command that resumes it.
 """
 import argparse
+import contextlib
 import os
 import pickle
 import random
 import re
+import shlex
+import signal
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -90,6 +95,20 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike):
+    """Yield a temporary path beside `path` (same extension, for writers that go by it: savefig, PIL) to write the
+    file to; when the block ends it replaces `path` in one rename, and when it fails or is interrupted (Ctrl-C,
+    SIGTERM) the temporary file is removed, so nobody ever finds a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 SAFE_GLOBALS = [argparse.Namespace]
@@ -239,3 +258,98 @@ def lock_output_dir(path: str | os.PathLike) -> None:
     f.write(f"{os.getpid()}\n")
     f.flush()
     _held_locks[key] = f
+
+
+# ------------------------------------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread on SIGINT (Ctrl-C) or SIGTERM (what SLURM sends at the time limit, and `kill`)
+    inside stop_cleanly. A KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class RunOnDisk:
+    """What stop_cleanly reports: the last checkpoint this run saved or resumed from (saved(path, epoch)) and the
+    command that continues it: this script's own argv, plus --resume if absent."""
+
+    def __init__(self, script, argv):
+        self.script, self.argv = os.path.relpath(script), list(argv)
+        self.path, self.epoch = None, None
+
+    def save(self, path, state: dict) -> None:
+        """save_checkpoint(path, state) with Ctrl-C and SIGTERM held until it is written and noted: a signal during
+        the save stops the run just after it, and the line names the epoch in the file (state["epoch"])."""
+        with _signals_held():
+            save_checkpoint(path, state)
+            self.saved(path, state["epoch"])
+
+    def saved(self, path, epoch: int) -> None:
+        """Note that `path` holds `epoch` (save() does; call it after resuming from a checkpoint)."""
+        self.path, self.epoch = path, epoch
+
+    def command(self, resume: bool) -> str:
+        """The command line that runs this script again (torchrun with as many processes, if torchrun started
+        it), with --resume added when `resume`."""
+        launcher = ["python"]
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun
+            launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}"]
+        resume_flag = ["--resume"] if resume and "--resume" not in self.argv else []
+        return shlex.join([*launcher, self.script, *self.argv, *resume_flag])
+
+    def message(self, signum) -> str:
+        name = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, signal.Signals(signum).name)
+        if self.epoch is None:
+            return (f"error: stopped by {name} before this run saved a checkpoint; nothing to resume, start again "
+                    f"with: {self.command(resume=False)}")
+        return (f"error: stopped by {name}; {self.path} holds epoch {self.epoch} (saved whole), continue from "
+                f"there with: {self.command(resume=True)}")
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM in the block; one that arrives meanwhile is delivered when it ends (POSIX; elsewhere
+    a no-op)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextlib.contextmanager
+def stop_cleanly(script, argv=None):
+    """Run a training script's body so that Ctrl-C or SIGTERM stops it at once with one line on stderr (rank 0)
+    naming the saved epoch and the exact command that resumes it, and exit status 128 + signal (130, 143), instead
+    of a KeyboardInterrupt traceback from inside autograd (or, for SIGTERM, a silent death). Nothing is saved
+    mid-epoch: a resumed run redoes the interrupted epoch from its start, exactly as it would have run. Every file
+    of the run is written atomically (save_checkpoint, atomic_write), so the interrupt leaves no half-written file.
+
+        with checkpoint.stop_cleanly(__file__, argv) as run:
+            ...
+            run.save(path, state)      # save_checkpoint, noting state["epoch"] as the one to resume from
+    """
+    run = RunOnDisk(script, sys.argv[1:] if argv is None else argv)
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield run
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        for s in previous:  # a second Ctrl-C while the line is printed ends the process as Python would
+            signal.signal(s, signal.SIG_DFL)
+        if get_rank() == 0:
+            print(run.message(signum), file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

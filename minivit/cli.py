@@ -4,6 +4,7 @@ one line, `error: <the problem>; <the fix>`, with a non-zero exit and no traceba
     parser = cli.ArgumentParser(description=...)          # argparse's own errors in one line too
     cli.add_trust_pickle(parser)                          # --trust_pickle, for the commands that read weights
     args = parser.parse_args(argv)
+    cli.check_output_file(args.out, "--out")              # each file a command will write, before any work
     cli.check_args(parser, args, positive=("lr", "epochs"), probability=("mass",), ordered=("crops_scale",))
     args, name, applied = cli.parse_with_preset(parser, argv, choose)   # presets as defaults (the train scripts)
     with cli.errors():                                    # minivit's ValueError / FileNotFoundError -> one line
@@ -13,6 +14,7 @@ import argparse
 import contextlib
 import math
 import os
+import tempfile
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -36,6 +38,32 @@ def errors():
         yield
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+
+
+def check_output_file(path, flag: str) -> None:
+    """Before any work: stop in one line unless the file `path` (given to `flag`, e.g. "--out") can be written: not
+    a folder, under a folder and not under a regular file, in a writable place. Missing parent folders are created,
+    as checkpoint.make_output_dir creates --output_dir. Call it for every output-file flag of a command."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a folder; give the path of a file (in it or elsewhere)")
+    parent = folder
+    while not os.path.exists(parent):  # the first part of the path that exists must be a folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"{flag} {path}: {parent} is a file, not a folder; pick another path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(path):
+            with open(path, "a"):  # an existing file: can it be written? (opened for appending, left as it was)
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=folder):  # a read-only folder or file system fails here
+                pass
+    except OSError as e:
+        fail(f"{flag} {path} cannot be written ({e.strerror or e}); pick a writable location")
 
 
 def parse_with_preset(parser, argv, choose):

@@ -246,6 +246,6 @@ def write_results(path, args, test: dict, model, train_set, log_path, info, prec
                "train_fraction": args.train_fraction, "train_images": len(train_set), "data": args.data,
                "image_size": args.image_size, "world_size": info.world_size, "device": str(info.device),
                "precision": precision}
-    with open(path, "w") as f:
-        f.write(json.dumps(results, indent=2) + "\n")
+    with checkpoint.atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
     return results

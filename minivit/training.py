@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minivit.checkpoint import atomic_write
 from minivit.distributed import all_reduce_mean, get_rank, print0
 
 
@@ -148,9 +149,8 @@ def trim_log(path: str | os.PathLike, epoch: int) -> None:
     if get_rank() != 0 or not path.is_file():
         return
     kept = [r for r in read_jsonl(path) if r.get("epoch", 0) <= epoch]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in kept))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in kept))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -235,7 +235,8 @@ def plot_curves(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, keys
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     ax.set_xlabel("epoch")
-    fig.savefig(png_path, dpi=100)
+    with atomic_write(png_path) as tmp:  # an interrupt mid-write leaves the previous PNG
+        fig.savefig(tmp, dpi=100)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
