@@ -171,6 +171,8 @@ def check_config(cfg: dict, model) -> list[str]:
     wrong = [f"{key} {cfg[key]!r} vs the model's {name} {mine!r}"
              for key, (mine, name) in expected.items() if key in cfg and cfg[key] != mine]
     eps, notes = cfg.get("layer_norm_eps", model.norm.eps), []
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"config.json layer_norm_eps {eps!r} is not a number; fix the file (DINO's is 1e-06)")
     if eps == TRANSFORMERS_DEFAULT_EPS and eps != model.norm.eps:
         notes.append(f"config.json layer_norm_eps {eps:g} is transformers' default, which the DINO conversions "
                      f"carry; kept the model's {model.norm.eps:g} (the official DINO value)")
@@ -180,6 +182,20 @@ def check_config(cfg: dict, model) -> list[str]:
         raise ValueError(f"config.json does not fit the model: {'; '.join(wrong)}; build the model the checkpoint "
                          f"describes{_suggest_arch(cfg)}")
     return notes
+
+
+def read_config(path) -> dict:
+    """A config.json -> dict; ValueError naming the file when it is not a JSON object (the parser's own message
+    names only a line and a column)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix the file or download the model folder again") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} holds a JSON {type(cfg).__name__}, not the object of a Hugging Face config; fix "
+                         "the file or download the model folder again")
+    return cfg
 
 
 def is_hf_path(path) -> bool:
@@ -199,14 +215,17 @@ def read_hf(path, model) -> tuple[dict, list[str], list[str]]:
             if os.path.isfile(file + ".index.json") else ""
         raise ValueError(f"no model.safetensors in {str(path)!r}{hint}: pass a Hugging Face model folder or its "
                          ".safetensors file")
-    sd = load_file(file, device="cpu")
+    try:
+        sd = load_file(file, device="cpu")
+    except Exception as e:  # safetensors' own error type for a truncated or foreign file, OSError, ...
+        raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); download or "
+                         "export it again") from None
     if not is_hf_layout(sd):
         return sd, [], []
     config = os.path.join(folder, "config.json")
     notes = []
     if os.path.isfile(config):
-        with open(config) as f:
-            notes = check_config(json.load(f), model)
+        notes = check_config(read_config(config), model)
     elif os.path.isdir(path):
         raise ValueError(f"no config.json in {str(path)!r}: a Hugging Face model folder holds config.json and "
                          "model.safetensors")

@@ -3,7 +3,7 @@ model.safetensors, which transformers' ViTModel.from_pretrained reads (the mappi
 
     python -m minivit.tools.export_hf --arch vit_s8 --weights runs/dino/teacher_backbone.pth --output_dir runs/dino/hf
 """
-from minivit import cli
+from minivit import checkpoint, cli
 from minivit.hf import export_hf
 from minivit.models import load_backbone
 
@@ -23,6 +23,8 @@ def main(argv=None):
 
     if not args.arch.startswith("vit_"):
         cli.fail(f"--arch {args.arch}: only ViTs have a Hugging Face ViT layout; pick a vit_* arch")
+    with cli.errors():  # a file, or a folder under a file, where the folder should go: stop before any work
+        checkpoint.make_output_dir(args.output_dir)
     model = load_backbone(args.arch, args.weights, args.patch_size, trust_pickle=args.trust_pickle)
     print(f"wrote {export_hf(model, args.output_dir)}: config.json, model.safetensors")
 
