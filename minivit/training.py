@@ -148,15 +148,29 @@ def trim_log(path: str | os.PathLike, epoch: int) -> None:
     path = Path(path)
     if get_rank() != 0 or not path.is_file():
         return
-    kept = [r for r in read_jsonl(path) if r.get("epoch", 0) <= epoch]
+    kept = [r for r in read_jsonl(path, skip_torn=True) if r.get("epoch", 0) <= epoch]
     with atomic_write(path) as tmp:
         tmp.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in kept))
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All records of a JSONL log, in order."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path: str | os.PathLike, skip_torn: bool = False) -> list[dict]:
+    """All records of a JSONL log, in order. A line that is not a JSON object is a one-line ValueError naming the
+    file and the line, or, with skip_torn (trim_log), dropped: the torn last line of a run killed mid-write."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                record = e
+            if isinstance(record, dict):
+                records.append(record)
+            elif not skip_torn:
+                raise ValueError(f"{path} line {number} is not a JSON object ({record}); a run killed while "
+                                 "writing it? delete that line")
+    return records
 
 
 def format_time(seconds: float) -> str:

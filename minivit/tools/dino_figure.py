@@ -5,20 +5,38 @@ the first run.
 
     python -m minivit.tools.dino_figure runs/dino:"CPU, 10 min" runs/dino_1h:"CPU, 1 h" --out docs/dino_result.png
 """
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from minivit import cli
+from minivit.checkpoint import atomic_write, torch_load
 from minivit.training import read_jsonl
+
+EXPECTED = "a train_dino.py output folder holds log.jsonl and attention/ep*.pt"
+
+
+def read_log(run):
+    """The records of run/log.jsonl; a one-line ValueError saying what was expected when `run` is missing, not a
+    folder, or not a DINO run (no log, a malformed line, no k-NN record: an image folder, a train_vit.py run)."""
+    log = Path(run) / "log.jsonl"
+    if not Path(run).is_dir():
+        raise ValueError(f"{run} is not a folder; give the --output_dir of a train_dino.py run ({EXPECTED})")
+    if not log.is_file():
+        raise ValueError(f"{run} has no log.jsonl: not a train_dino.py run? ({EXPECTED})")
+    records = read_jsonl(log)  # a malformed line: ValueError naming the file and the line
+    if not any("knn_top1" in r for r in records):
+        raise ValueError(f"{log} has no k-NN record (knn_top1): a train_vit.py / train_resnet.py run, or one with "
+                         "--knn_data none? the figure draws train_dino.py runs with k-NN evaluations")
+    return records
 
 
 def knn_curve(run):
     """(minutes, k-NN top-1 %) of a train_dino.py output folder, from log.jsonl: the epoch-0 record (before
     training, the random-init teacher) at 0 min, then every evaluated epoch at its "time". Also returns the
     baselines {random_init, raw_pixels} (%), empty when the run did not compute them."""
-    records = read_jsonl(Path(run) / "log.jsonl")
+    records = read_log(run)
     baselines = {}
     points = []
     for r in records:
@@ -35,9 +53,12 @@ def attention_pair(run, images=4):
     -> images (n, 3, S, S) in [0, 1], first (n, S, S) and last (n, S, S) head-mean maps upsampled to S, epochs."""
     files = sorted((Path(run) / "attention").glob("ep*.pt"))
     if len(files) < 2:
-        raise ValueError(f"{run}/attention has {len(files)} ep*.pt files; a run writes one before training and "
-                         "one per evaluation")
-    first, last = (torch.load(f, weights_only=True) for f in (files[0], files[-1]))
+        raise ValueError(f"{run}/attention has {len(files)} ep*.pt files, the figure needs 2: a run writes one "
+                         f"before training and one per evaluation of a ViT ({EXPECTED})")
+    first, last = (torch_load(f) for f in (files[0], files[-1]))  # no code runs from the files
+    for f, record in zip((files[0], files[-1]), (first, last)):
+        if not (isinstance(record, dict) and {"images", "attn"} <= set(record)):
+            raise ValueError(f"{f} holds no images and attn: not written by train_dino.py; delete it")
     S = first["images"].shape[-1]
     maps = [F.interpolate(r["attn"][:images].mean(1, keepdim=True), size=S, mode="nearest")[:, 0]
             for r in (first, last)]                                           # (n, S, S)
@@ -77,19 +98,26 @@ def dino_figure(runs, labels, png, images=4):
             if i == 0:
                 axes[row, i].set_ylabel(title, fontsize=8)
     right.suptitle(f"teacher CLS attention, {labels[0]}", fontsize=9)
-    fig.savefig(png, dpi=80)
-    from PIL import Image  # a palette PNG: a few times smaller, for the repository
-    Image.open(png).convert("RGB").quantize(256).save(png, optimize=True)
+    with atomic_write(png) as tmp:
+        fig.savefig(tmp, dpi=80)
+        from PIL import Image  # a palette PNG: a few times smaller, for the repository
+        Image.open(tmp).convert("RGB").quantize(256).save(tmp, optimize=True)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="k-NN against wall time and attention maps of train_dino.py runs")
+    p = cli.ArgumentParser(description="k-NN against wall time and attention maps of train_dino.py runs")
     p.add_argument("runs", nargs="+", help="output folders, each optionally FOLDER:LABEL; the first one's "
                    "attention maps are drawn")
     p.add_argument("--out", default="docs/dino_result.png", help="the PNG to write")
     args = p.parse_args(argv)
-    runs, labels = zip(*[(r.split(":", 1) + [Path(r).name])[:2] for r in args.runs])
-    dino_figure(runs, labels, args.out)
+    cli.check_output_file(args.out, "--out")
+    # FOLDER:LABEL, unless the whole argument is a folder (a name with a colon in it)
+    runs, labels = zip(*[(r, Path(r).name) if Path(r).exists() else (r.split(":", 1) + [Path(r).name])[:2]
+                         for r in args.runs])
+    with cli.errors():
+        for run in runs:  # every run checked before drawing any
+            read_log(run)
+        dino_figure(runs, labels, args.out)
     print(f"wrote {args.out}")
 
 
