@@ -669,6 +669,7 @@ def main(argv=None):
                              "fusing LayerNorm, GELU and the residual adds around the GEMMs is worth)")
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("iters", "photos"))
+    cli.check_output_file(args.out, "--out")
     archs = _subset("--archs", args.archs, ("vit_s16", "vit_s8"))
     builds = _subset("--builds", args.builds, ("ours", "plain"))
     only = _subset("--only", args.only, SECTIONS)

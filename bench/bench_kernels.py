@@ -26,7 +26,6 @@ bytes are the op's compulsory traffic, the same count for every row, so GB/s com
 GPU times: triton.testing.do_bench, median over ~100 ms of runs after warm-up, L2 flushed between runs.
 CPU times: medians of time.perf_counter over a few runs after one warm-up, at sizes scaled down.
 """
-import argparse
 import datetime
 import platform
 import statistics
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from minivit import cli  # noqa: E402
 from minivit.kernels import HAS_TRITON, interpreter_on, triton, use_triton  # noqa: E402
 from minivit.kernels import attention as attention_module  # noqa: E402
 from minivit.kernels.attention import _backward_path, attention  # noqa: E402
@@ -319,11 +319,12 @@ BYTE_SECTIONS = {"layernorm": bench_layernorm, "bias_gelu": bench_bias_gelu,
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every path runs (seconds)")
     parser.add_argument("--out", default=None, help="also write the table as markdown to this file")
     parser.add_argument("--only", choices=[*FLOP_SECTIONS, *BYTE_SECTIONS], default=None, help="run one benchmark")
     args = parser.parse_args(argv)
+    cli.check_output_file(args.out, "--out")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 on a CPU measures nothing useful

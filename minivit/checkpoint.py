@@ -217,18 +217,18 @@ def set_rng_state(states: list[dict], generators: dict[str, torch.Generator] | N
     return True
 
 
-def make_output_dir(path: str | os.PathLike) -> Path:
+def make_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
     """Create the run's output folder (parents too) if needed, check that files can be written in it, and return
-    it as a Path; ValueError in one line otherwise."""
+    it as a Path; ValueError in one line otherwise, naming the path as `flag` gave it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--output_dir {path} is a file, not a folder; pick another path")
+        raise ValueError(f"{flag} {path} is a file, not a folder; pick another path")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):  # a read-only folder or file system fails here, not after an epoch
             pass
     except OSError as e:
-        raise ValueError(f"--output_dir {path} is not writable ({e.strerror or e}); pick another folder") from None
+        raise ValueError(f"{flag} {path} is not writable ({e.strerror or e}); pick another folder") from None
     return path
 
 

@@ -21,11 +21,12 @@ import shlex
 import subprocess
 import sys
 
-from minivit import cli
+from minivit import checkpoint, cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = ("vit", "resnet")
+REPORT_FILES = ("report.md", "compare.json", "data_fraction.png")  # what --output_dir gets, beside the runs
 NEEDED = ("arch", "test_top1", "train_images_per_s", "params", "epochs", "train_fraction")  # in each results.json
 
 
@@ -135,6 +136,10 @@ def main(argv=None):
         common, extra_args = shlex.split(args.common_args), {m: shlex.split(getattr(args, f"{m}_args")) for m in MODELS}
     except ValueError as e:  # an unclosed quote
         cli.fail(f"--common_args / --vit_args / --resnet_args: {e}; quote each flag list as one string")
+    with cli.errors():  # every path written, checked before six trainings run
+        checkpoint.make_output_dir(args.output_dir)
+    for name in REPORT_FILES:
+        cli.check_output_file(os.path.join(args.output_dir, name), "--output_dir")
     scripts = {"vit": args.vit_script, "resnet": args.resnet_script}
     rows = []
     for fraction in sorted(set(args.fractions)):
@@ -152,18 +157,17 @@ def main(argv=None):
                                      f"fix it, or rerun with --load once its results.json exists")
             rows.append({"model": model, **read_results(os.path.join(out, "results.json"))})
 
-    os.makedirs(args.output_dir, exist_ok=True)
     setup = {"data": args.data, "fractions": sorted(set(args.fractions)), "epochs": args.epochs, "budget": args.budget,
              "vit_args": args.vit_args, "resnet_args": args.resnet_args, "common_args": args.common_args}
-    report = os.path.join(args.output_dir, "report.md")
+    report = os.path.join(args.output_dir, REPORT_FILES[0])
     with open(report, "w") as f:
         f.write(format_report(rows, setup))
-    with open(os.path.join(args.output_dir, "compare.json"), "w") as f:
+    with open(os.path.join(args.output_dir, REPORT_FILES[1]), "w") as f:
         json.dump({"setup": setup, "runs": rows}, f, indent=2)
     print(open(report).read())
-    png = plot_fraction(rows, os.path.join(args.output_dir, "data_fraction.png"),
+    png = plot_fraction(rows, os.path.join(args.output_dir, REPORT_FILES[2]),
                         f"{args.data}: same {args.budget} for every run ({args.epochs} epochs at 100%)")
-    print("\n".join([report, os.path.join(args.output_dir, "compare.json"), png]))
+    print("\n".join([report, os.path.join(args.output_dir, REPORT_FILES[1]), png]))
     return rows
 
 

@@ -16,7 +16,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from minivit import cli
+from minivit import checkpoint, cli
+from minivit.data import cap_workers
 
 # (width, height, share): ImageNet's common sizes first, then a few big and a few tiny photos
 SIZES = [(500, 375, 0.45), (375, 500, 0.18), (500, 333, 0.15), (333, 500, 0.05), (500, 500, 0.04),
@@ -92,6 +93,9 @@ def main(argv=None):
     parser.add_argument("--processes", type=int, default=1, help="draw the photos in this many processes")
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("images", "classes", "processes"), non_negative=("seed",))
+    with cli.errors():  # root a file, or under one, or read-only: one line before drawing anything
+        checkpoint.make_output_dir(args.root, "root")
+    args.processes = cap_workers(args.processes)  # --processes 1000 on a laptop
     paths = make_photo_folder(args.root, args.images, args.classes, args.seed, args.processes)
     total = sum(os.path.getsize(p) for p in paths)
     print(f"wrote {len(paths)} photos ({total / 2 ** 20:.1f} MB) under {args.root}")
