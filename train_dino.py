@@ -475,6 +475,8 @@ def train_one_epoch(student, teacher, student_ddp, dino_loss, loader, optimizer,
     for it, (images, _) in enumerate(loader):
         if it == niter:
             break
+        if len(images) == 0:  # every file of the batch was unreadable (data.ImageFolderDataset skips them)
+            continue
         step = epoch * niter + it  # global iteration: the index of every schedule
         training.set_schedules(optimizer, float(lr[step]), float(wd[step]))
         images = images.to(info.device, non_blocking=True)

@@ -134,6 +134,8 @@ def train_one_epoch(model, loader, optimizer, scaler, augment, generator, lr_sch
     for it, (images, labels) in enumerate(loader):
         if it >= steps:
             break
+        if len(labels) == 0:  # every file of the batch was unreadable (data.ImageFolderDataset skips them)
+            continue
         step = epoch * steps + it
         lr = float(lr_schedule[step])  # a python float: numpy scalars would not load back from a checkpoint
         training.set_schedules(optimizer, lr, float(wd_schedule[step]))

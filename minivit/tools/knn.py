@@ -182,6 +182,12 @@ def main(argv=None):
     t0 = time.time()
     results = knn_eval(model, train_set, test_set, device, ks=args.k, T=args.temperature,
                        image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers)
+    if len(results) < len(args.k):  # unreadable files were skipped: fewer training features than images
+        print(f"note: k = {', '.join(str(k) for k in args.k if k not in results)} skipped: more than the "
+              "training images that decoded")
+    if not results:
+        cli.fail(f"every --k ({' '.join(map(str, args.k))}) is larger than the training images that decoded; "
+                 "pick a smaller --k")
     print(format_table(results))
     print(f"done in {time.time() - t0:.1f}s")
     return results
