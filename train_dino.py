@@ -281,6 +281,7 @@ def build_loss_and_optimizer(args, student, niter, world, precision):
     """The DINO loss, the optimizer (and GradScaler) and the per-iteration schedules of lr, weight decay and teacher
     momentum -> (dino_loss, optimizer, scaler, {"lr", "wd", "momentum": (epochs * niter,) float64})."""
     device = next(student.parameters()).device
+    training.check_steps(args.epochs, niter)  # --epochs 10**11: the schedules would not fit in memory
     # ============ preparing loss: 2 global + local crops, 2 * ncrops - 2 cross-entropy terms (DINO eq. 3) ============
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(device)

@@ -37,6 +37,18 @@ def keep_freed_memory():
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+MAX_STEPS = 10 ** 8  # ~300 years at 10 steps a second; ImageNet's 300 epochs of DeiT are 375,000
+
+
+def check_steps(epochs: int, niter_per_ep: int) -> None:
+    """ValueError in one line when epochs x steps is more than MAX_STEPS: the per-step schedules would not fit in
+    memory (--epochs 10**11: 32 TiB each)."""
+    if epochs * niter_per_ep > MAX_STEPS:
+        raise ValueError(f"--epochs {epochs} of {niter_per_ep} steps is {epochs * niter_per_ep:,} steps, more than a "
+                         f"run can take ({MAX_STEPS:,}: the schedules alone would be {8 * MAX_STEPS / 2**30:.1f} GB "
+                         "each); lower --epochs")
+
+
 def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
                     warmup_epochs: float = 0, start_warmup_value: float = 0.0) -> np.ndarray:
     """One value per iteration (float64, length epochs * niter_per_ep), DINO's schedule for lr, weight decay and
@@ -49,6 +61,7 @@ def cosine_schedule(base_value: float, final_value: float, epochs: int, niter_pe
     warmup_iters = int(round(warmup_epochs * niter_per_ep))
     if total <= 0:
         raise ValueError(f"epochs ({epochs}) and niter_per_ep ({niter_per_ep}) must be positive")
+    check_steps(epochs, niter_per_ep)
     if not 0 <= warmup_iters < total:
         raise ValueError(f"warmup_epochs ({warmup_epochs}) must be >= 0 and smaller than epochs ({epochs}); "
                          f"lower --warmup_epochs for short runs")
