@@ -89,6 +89,8 @@ PRESETS = {"cpu": OFFLINE_CPU, "gpu": OFFLINE_GPU}
 # README's table; give those flags on the command line.)
 RECIPES = {"vanilla": {}, "boosted": dict(epochs=300, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
                                           norm_last_layer=False)}
+OUTPUTS = ("checkpoint.pth", "log.jsonl", "curves.png", "teacher_backbone.pth", "teacher_backbone.safetensors",
+           "attention/")  # what --output_dir gets (the module docstring says what each holds)
 # the checkpoint's parameter shapes: a resumed run must pass the same
 RESUME_MUST_MATCH = ("out_dim", "use_bn_in_head", "norm_last_layer", "global_crop_size")
 
@@ -395,7 +397,7 @@ def train_dino(args, run=None):
         training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
         info = distributed.setup_distributed(args.device)
         precision = training.resolve_precision(args.precision, info.device)
-        out = checkpoint.make_output_dir(args.output_dir)
+        out = checkpoint.make_output_dir(args.output_dir, files=OUTPUTS)
         checkpoint.lock_output_dir(out)  # a second run on the same folder stops here
         ckpt_path = out / "checkpoint.pth"
         if ckpt_path.exists() and not args.resume:

@@ -22,6 +22,7 @@ from minivit.data import build_dataset, build_loader, describe
 from minivit.models import arch_family, build_model, load_pretrained
 from minivit.supervised import check_flags, evaluate, resume, subset, train_one_epoch, write_results
 
+OUTPUTS = ("checkpoint.pt", "log.jsonl", "curves.png", "results.json")  # what --output_dir gets
 KIND = "resnet"  # the checkpoint's kind: the other script refuses to resume it
 # the recipe for ImageNet folders: torchvision's classic one (SGD 0.1 per 256 images, momentum 0.9, wd 1e-4), with
 # a warm-up + cosine instead of its step decay (Goyal et al. 2017; Loshchilov & Hutter 2017)
@@ -135,7 +136,7 @@ def setup(args):
         training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
         info = distributed.setup_distributed(args.device)
         precision = training.resolve_precision(args.precision, info.device)
-        out = checkpoint.make_output_dir(args.output_dir)
+        out = checkpoint.make_output_dir(args.output_dir, files=OUTPUTS)
         checkpoint.lock_output_dir(out)  # a second run on the same folder stops here
         seed = distributed.seed_everything(args.seed, info.rank)
         generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint

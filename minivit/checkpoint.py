@@ -217,12 +217,19 @@ def set_rng_state(states: list[dict], generators: dict[str, torch.Generator] | N
     return True
 
 
-def make_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+def make_output_dir(path: str | os.PathLike, flag: str = "--output_dir", files=()) -> Path:
     """Create the run's output folder (parents too) if needed, check that files can be written in it, and return
-    it as a Path; ValueError in one line otherwise, naming the path as `flag` gave it."""
+    it as a Path; ValueError in one line otherwise, naming the path as `flag` gave it. files: the names the run
+    will write in it ("log.jsonl"; "attention/" for a folder), refused now if a folder (a file) is in the way, not
+    at the end of training."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a folder; pick another path")
+    for name in files:
+        folder = name.endswith("/")
+        if (path / name).exists() and (path / name).is_dir() != folder:
+            raise ValueError(f"{flag} {path} holds a {'file' if folder else 'folder'} {name.rstrip('/')} where "
+                             f"the run writes a {'folder' if folder else 'file'}; move it away or pick another {flag}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):  # a read-only folder or file system fails here, not after an epoch
