@@ -5,13 +5,16 @@ words in the table), print no traceback, and leave no checkpoint behind that a l
 A weight file carrying a pickled payload is refused at every door that reads one, and its payload never runs."""
 import json
 import os
+import struct
 import sys
+import zlib
 
 import pytest
 import torch
 from PIL import Image
 
 from conftest import run_command, script_env
+from minivit.hf import export_hf
 from minivit.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,12 +60,67 @@ def files(tmp_path_factory):
     Image.new("RGB", (8, 8)).save(f["photos"] / "cat" / "a.png")
     f["no_runs"] = d / "no_runs"
     f["no_runs"].mkdir()
+    hostile_files(f, d)
     return f
+
+
+def png_header(width, height):
+    """A PNG of width x height that is only its header: Pillow sizes it without decoding (a 'bomb' in 57 bytes)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def hostile_files(f, d):
+    """Round two (issue 23): folders of unreadable images, a decompression bomb, a malformed model folder, output
+    paths in the way, folders that are not the runs a tool reads."""
+    f["unreadable"] = d / "all bad ü x"  # spaces and non-ASCII in the name, as a user's folder may have
+    (f["unreadable"] / "cat").mkdir(parents=True)
+    (f["unreadable"] / "cat" / "empty.jpg").write_bytes(b"")
+    (f["unreadable"] / "cat" / "junk.jpg").write_text("not a picture\n")
+    (f["unreadable"] / "cat" / "gone.png").symlink_to(d / "nowhere.png")  # a dangling symlink
+    f["bad_val"] = d / "bad_val"  # train/ decodes, val/ does not
+    for split in ("train", "val"):
+        (f["bad_val"] / split / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(f["bad_val"] / "train" / "cat" / "a.png")
+    (f["bad_val"] / "val" / "cat" / "x.jpg").write_bytes(b"")
+    (f["bad_val"] / "val" / "cat" / "y.jpg").write_text("junk")
+    f["dangling"] = d / "dangling"
+    (f["dangling"] / "cat").mkdir(parents=True)
+    (f["dangling"] / "cat" / "a.png").symlink_to(d / "nowhere.png")
+    f["bombs"] = d / "bombs"  # 1.1x Pillow's limit: Pillow only warns, and would decode 100 Mpx
+    (f["bombs"] / "cat").mkdir(parents=True)
+    (f["bombs"] / "cat" / "huge.png").write_bytes(png_header(10_000, 10_000))
+    f["hf_bad_config"] = d / "hf_bad_config"
+    export_hf(build_model("vit_ti16", num_classes=0), f["hf_bad_config"])
+    (f["hf_bad_config"] / "config.json").write_text('{"hidden_size": 192,')
+    f["hf_bad_tensors"] = d / "hf_bad_tensors"
+    f["hf_bad_tensors"].mkdir()
+    (f["hf_bad_tensors"] / "model.safetensors").write_bytes(b"junk")
+    f["results_dir"] = d / "results_dir"  # where train_vit.py would write results.json at the very end
+    (f["results_dir"] / "results.json").mkdir(parents=True)
+    f["attention_file"] = d / "attention_file"
+    f["attention_file"].mkdir()
+    (f["attention_file"] / "attention").write_text("")
+    f["compare_dir"] = d / "compare_dir"
+    (f["compare_dir"] / "report.md").mkdir(parents=True)
+    f["sup_run"] = d / "sup_run"  # a train_vit.py folder, no k-NN
+    f["sup_run"].mkdir()
+    (f["sup_run"] / "log.jsonl").write_text('{"epoch": 1, "train_loss": 2.3}\n')
+    f["torn_log"] = d / "torn_log"
+    f["torn_log"].mkdir()
+    (f["torn_log"] / "log.jsonl").write_text('{"epoch": 0, "knn_top1": 10.0}\n{"epoch": 1, "tra')
+    f["no_maps"] = d / "no_maps"  # a DINO log, but no attention records (a ResNet run)
+    f["no_maps"].mkdir()
+    (f["no_maps"] / "log.jsonl").write_text('{"epoch": 0, "knn_top1": 10.0}\n')
+    f["under_file"] = f["notes"] / "sub"  # a path under a regular file
 
 
 def cases(f):
     """command -> [(argv, words the one-line error must contain)]."""
     evil, notes, img = str(f["evil"]), str(f["notes"]), str(f["image"])
+    bad, under = str(f["unreadable"]), str(f["under_file"])
     return {
         "minivit.tools.knn": [
             (["--weights", notes], "not a readable PyTorch file"),
@@ -77,6 +135,13 @@ def cases(f):
             (["--data", str(f["dir"] / "nowhere")], "not a folder"),
             (["--data", str(f["photos"])], "has no"),
             (["--device", "tpu"], "not supported"),
+            (["--data", bad], f"{bad}: none of its 3 image files could be decoded"),  # round two from here
+            (["--data", str(f["bad_val"])], f"{f['bad_val'] / 'val'}: none of its 2 image files"),
+            (["--data", str(f["dangling"])], "a symlink to nothing"),
+            (["--data", str(f["bombs"])], "Pillow's limit of 89,478,485"),
+            (["--weights", str(f["hf_bad_config"]), "--arch", "vit_ti16"],
+             f"{f['hf_bad_config'] / 'config.json'} is not valid JSON"),
+            (["--weights", str(f["hf_bad_tensors"]), "--arch", "vit_ti16"], "not a readable safetensors file"),
         ],
         "minivit.tools.attention_maps": [
             (["--image", str(f["notes_jpg"])], "not an image Pillow can read"),
@@ -91,6 +156,7 @@ def cases(f):
             (["--lr", "0"], "--lr 0.0: must be > 0"),
             (["--epochs", "-3"], "--epochs -3: must be > 0"),
             (["--lr", "nan"], "must be a finite number"),
+            (["--data", bad, "--arch", "vit_ti16"], f"{bad}: none of its 3 image files"),
         ],
         "minivit.tools.segmentation": [
             (["--weights", f"x={evil}", "--arch", "vit_ti16"], "refused"),
@@ -110,19 +176,34 @@ def cases(f):
             (["--only", "vit,warp"], "--only 'vit,warp': choose from"),
             (["--only", "data", "--data", str(f["dir"] / "nowhere")], "no such folder"),
             (["--device", "tpu"], "invalid choice"),
+            (["--only", "data", "--out", f"{under}/bench.md"], "is a file, not a folder"),
         ],
         "minivit.tools.export_hf": [
             (["--weights", evil, "--arch", "vit_ti16"], "refused"),
             (["--weights", "none", "--arch", "resnet18"], "only ViTs"),
+            (["--weights", "none", "--arch", "vit_ti16", "--output_dir", under], "Not a directory"),
         ],
         "minivit.tools.photo_folder": [
             ([str(f["dir"] / "made"), "--images", "0"], "--images 0: must be > 0"),
+            ([str(f["notes"]), "--images", "1"], "is a file, not a folder"),
+        ],
+        "minivit.tools.dino_figure": [
+            ([str(f["no_runs"])], "has no log.jsonl: not a train_dino.py run?"),
+            ([str(f["dir"] / "nowhere")], "is not a folder; give the --output_dir of a train_dino.py run"),
+            ([str(f["photos"])], "has no log.jsonl"),
+            ([str(f["sup_run"])], "has no k-NN record"),
+            ([str(f["torn_log"])], "line 2 is not a JSON object"),
+            ([str(f["no_maps"]), "--out", str(f["dir"] / "fig.png")], "has 0 ep*.pt files"),
+            ([str(f["no_maps"]), "--out", str(f["dir"])], "is a folder; give the path of a file"),
+            ([str(f["no_maps"]), "--out", f"{under}/fig.png"], "is a file, not a folder"),
+            (["--bogus"], "see --help"),
         ],
         "minivit.tools.compare": [
             (["--fractions", "1.5"], "--fractions 1.5"),
             (["--epochs", "0"], "--epochs 0: must be > 0"),
             (["--load"], "is missing"),
             (["--common_args", '"unclosed'], "quote"),
+            (["--load", "--output_dir", str(f["compare_dir"])], "report.md is a folder"),
         ],
         "train_vit.py": [
             (["--lr", "-1"], "--lr -1.0: must be > 0"),
@@ -134,6 +215,9 @@ def cases(f):
             (["--data", str(f["dir"] / "nowhere")], "not a folder"),
             (["--resume"], "no checkpoint at"),
             (["--resume", "--output_dir", str(f["dino_run"])], "is a 'dino' checkpoint"),
+            (["--data", bad], f"{bad}: none of its 3 image files could be decoded"),
+            (["--epochs", "100000000000"], "more than a run can take"),
+            (["--output_dir", str(f["results_dir"])], "holds a folder results.json"),
         ],
         "train_resnet.py": [
             (["--momentum", "2"], "--momentum 2.0: is a probability"),
@@ -151,6 +235,8 @@ def cases(f):
             (["--data", str(f["photos"])], "has no"),
             (["--arch", "vit_s8", "--device", "tpu"], "not supported"),
             (["--arch", "vit_s8", "--resume", "--output_dir", str(f["evil_run"])], "refused"),
+            (["--arch", "vit_s8", "--data", bad], f"{bad}: none of its 3 image files could be decoded"),
+            (["--arch", "vit_s8", "--output_dir", str(f["attention_file"])], "holds a file attention"),
         ],
     }
 
@@ -171,8 +257,9 @@ def run_cases(command, table, tmp_path):
 
 COMMANDS = ["minivit.tools.knn", "minivit.tools.attention_maps", "minivit.tools.linear", "minivit.tools.segmentation", "minivit.tools.copydetect",
             "bench/bench.py", "minivit.tools.export_hf", "minivit.tools.photo_folder", "minivit.tools.compare", "train_vit.py",
-            "train_resnet.py", "train_dino.py"]
-NO_OUTPUT_DIR = ("minivit.tools.knn", "minivit.tools.linear", "bench/bench.py", "minivit.tools.photo_folder")
+            "train_resnet.py", "train_dino.py", "minivit.tools.dino_figure"]
+NO_OUTPUT_DIR = ("minivit.tools.knn", "minivit.tools.linear", "bench/bench.py", "minivit.tools.photo_folder",
+                 "minivit.tools.dino_figure")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

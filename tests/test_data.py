@@ -203,6 +203,37 @@ def test_a_batch_of_broken_files_comes_out_empty(tmp_path):
     assert shapes == [(0, 3, 8, 8), (1, 3, 8, 8)]
 
 
+def test_a_folder_where_nothing_decodes_is_one_error_naming_it_and_the_count(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "zero.jpg").write_bytes(b"")
+    (tmp_path / "a" / "junk.png").write_text("junk")
+    (tmp_path / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    for min_pixels in (None, 100):  # the evaluation squares and the whole photos of training
+        with pytest.raises(ValueError, match=f"^{tmp_path}: none of its 3 image files could be decoded"):
+            build_dataset(str(tmp_path), "train", 8, min_pixels=min_pixels)
+
+
+def test_high_bit_depth_is_scaled_and_bombs_and_float_pixels_are_refused_by_name(tmp_path):
+    grey = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257  # 16-bit 0..65535
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    Image.fromarray((grey >> 8).astype(np.uint8)).save(tmp_path / "byte.png")
+    assert torch.equal(load_image(str(tmp_path / "deep.png"), 16), load_image(str(tmp_path / "byte.png"), 16))
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="float.tif: 32-bit float pixels"):
+        load_image(str(tmp_path / "float.tif"), 16)
+    from test_bad_input import png_header
+    for side in (10_000, 20_000):  # Pillow warns above its limit and raises above twice it: both refused here
+        (tmp_path / "huge.png").write_bytes(png_header(side, side))
+        with pytest.raises(ValueError, match="huge.png has more pixels than Pillow's limit of 89,478,485"):
+            load_photo(str(tmp_path / "huge.png"), 100)
+
+
+def test_num_workers_beyond_the_cores_is_capped_with_a_note(capsys):
+    loader = build_loader(ShapesDataset("test", 16, num_images=4), 2, num_workers=1000)
+    assert loader.num_workers == len(os.sched_getaffinity(0))
+    assert "note: --num_workers 1000 is more than the" in capsys.readouterr().out
+
+
 def test_whole_photo_loader_skips_and_counts_unreadable_files_and_pads_mixed_sizes(folder):
     ds = build_dataset(folder, "train", min_pixels=10 ** 6)  # whole photos, all smaller: kept at their own size
     assert "whole photos" in describe(ds)

@@ -43,8 +43,8 @@ def knn_curve(run):
         if r.get("epoch") == 0 and "knn_raw_pixels" in r:
             baselines = dict(random_init=r["knn_top1"], raw_pixels=r["knn_raw_pixels"])
             points.append((0.0, r["knn_top1"]))
-        elif "knn_top1" in r:
-            points.append((r["time"] / 60, r["knn_top1"]))
+        elif "knn_top1" in r:  # an epoch-0 record (no "time") sits at 0 min
+            points.append((r.get("time", 0.0) / 60, r["knn_top1"]))
     return points, baselines
 
 
