@@ -75,23 +75,28 @@ def png_header(width, height):
 def hostile_files(f, d):
     """Round two (issue 23): folders of unreadable images, a decompression bomb, a malformed model folder, output
     paths in the way, folders that are not the runs a tool reads."""
-    f["unreadable"] = d / "all bad ü x"  # spaces and non-ASCII in the name, as a user's folder may have
-    (f["unreadable"] / "cat").mkdir(parents=True)
-    (f["unreadable"] / "cat" / "empty.jpg").write_bytes(b"")
-    (f["unreadable"] / "cat" / "junk.jpg").write_text("not a picture\n")
-    (f["unreadable"] / "cat" / "gone.png").symlink_to(d / "nowhere.png")  # a dangling symlink
-    f["bad_val"] = d / "bad_val"  # train/ decodes, val/ does not
-    for split in ("train", "val"):
-        (f["bad_val"] / split / "cat").mkdir(parents=True)
+    def split_folder(root, write):
+        """root/train/cat/ and root/val/cat/, each filled by write(folder)."""
+        for split in ("train", "val"):
+            (root / split / "cat").mkdir(parents=True)
+            write(root / split / "cat")
+        return root
+
+    def unreadable(folder):
+        (folder / "empty.jpg").write_bytes(b"")
+        (folder / "junk.jpg").write_text("not a picture\n")
+        (folder / "gone.png").symlink_to(d / "nowhere.png")  # a dangling symlink
+
+    # spaces and non-ASCII in the name, as a user's folder may have
+    f["unreadable"] = split_folder(d / "all bad ü x", unreadable)
+    f["bad_val"] = split_folder(d / "bad_val", lambda folder: None)  # train/ decodes, val/ does not
     Image.new("RGB", (8, 8)).save(f["bad_val"] / "train" / "cat" / "a.png")
     (f["bad_val"] / "val" / "cat" / "x.jpg").write_bytes(b"")
     (f["bad_val"] / "val" / "cat" / "y.jpg").write_text("junk")
-    f["dangling"] = d / "dangling"
-    (f["dangling"] / "cat").mkdir(parents=True)
-    (f["dangling"] / "cat" / "a.png").symlink_to(d / "nowhere.png")
-    f["bombs"] = d / "bombs"  # 1.1x Pillow's limit: Pillow only warns, and would decode 100 Mpx
-    (f["bombs"] / "cat").mkdir(parents=True)
-    (f["bombs"] / "cat" / "huge.png").write_bytes(png_header(10_000, 10_000))
+    f["dangling"] = split_folder(d / "dangling", lambda folder: (folder / "a.png").symlink_to(d / "nowhere.png"))
+    # 1.1x Pillow's limit: Pillow only warns, and would decode 100 Mpx
+    f["bombs"] = split_folder(d / "bombs", lambda folder: (folder / "huge.png").write_bytes(png_header(10_000,
+                                                                                                      10_000)))
     f["hf_bad_config"] = d / "hf_bad_config"
     export_hf(build_model("vit_ti16", num_classes=0), f["hf_bad_config"])
     (f["hf_bad_config"] / "config.json").write_text('{"hidden_size": 192,')
@@ -135,10 +140,10 @@ def cases(f):
             (["--data", str(f["dir"] / "nowhere")], "not a folder"),
             (["--data", str(f["photos"])], "has no"),
             (["--device", "tpu"], "not supported"),
-            (["--data", bad], f"{bad}: none of its 3 image files could be decoded"),  # round two from here
-            (["--data", str(f["bad_val"])], f"{f['bad_val'] / 'val'}: none of its 2 image files"),
-            (["--data", str(f["dangling"])], "a symlink to nothing"),
-            (["--data", str(f["bombs"])], "Pillow's limit of 89,478,485"),
+            (["--data", bad], f"{bad}/train: none of its 3 image files could be decoded"),  # round two from here
+            (["--data", str(f["bad_val"]), "--k", "1"], f"{f['bad_val'] / 'val'}: none of its 2 image files"),
+            (["--data", str(f["dangling"]), "--k", "1"], "a symlink to nothing"),
+            (["--data", str(f["bombs"]), "--k", "1"], "Pillow's limit of 89,478,485"),
             (["--weights", str(f["hf_bad_config"]), "--arch", "vit_ti16"],
              f"{f['hf_bad_config'] / 'config.json'} is not valid JSON"),
             (["--weights", str(f["hf_bad_tensors"]), "--arch", "vit_ti16"], "not a readable safetensors file"),
@@ -156,7 +161,7 @@ def cases(f):
             (["--lr", "0"], "--lr 0.0: must be > 0"),
             (["--epochs", "-3"], "--epochs -3: must be > 0"),
             (["--lr", "nan"], "must be a finite number"),
-            (["--data", bad, "--arch", "vit_ti16"], f"{bad}: none of its 3 image files"),
+            (["--data", bad, "--arch", "vit_ti16"], f"{bad}/train: none of its 3 image files"),
         ],
         "minivit.tools.segmentation": [
             (["--weights", f"x={evil}", "--arch", "vit_ti16"], "refused"),
@@ -215,7 +220,7 @@ def cases(f):
             (["--data", str(f["dir"] / "nowhere")], "not a folder"),
             (["--resume"], "no checkpoint at"),
             (["--resume", "--output_dir", str(f["dino_run"])], "is a 'dino' checkpoint"),
-            (["--data", bad], f"{bad}: none of its 3 image files could be decoded"),
+            (["--data", bad, "--batch_size", "2"], f"{bad}/train: none of its 3 image files could be decoded"),
             (["--epochs", "100000000000"], "more than a run can take"),
             (["--output_dir", str(f["results_dir"])], "holds a folder results.json"),
         ],
@@ -235,7 +240,8 @@ def cases(f):
             (["--data", str(f["photos"])], "has no"),
             (["--arch", "vit_s8", "--device", "tpu"], "not supported"),
             (["--arch", "vit_s8", "--resume", "--output_dir", str(f["evil_run"])], "refused"),
-            (["--arch", "vit_s8", "--data", bad], f"{bad}: none of its 3 image files could be decoded"),
+            (["--arch", "vit_s8", "--data", f"{bad}/train", "--batch_size_per_gpu", "2"],
+             f"{bad}/train: none of its 3 image files could be decoded"),
             (["--arch", "vit_s8", "--output_dir", str(f["attention_file"])], "holds a file attention"),
         ],
     }
