@@ -197,7 +197,7 @@ def parse_args(argv=None):
                                  "clip_grad", "freeze_last_layer", "eval_every", "saveckp_freq", "num_workers",
                                  "color_jitter"),
                    probability=("drop_path_rate", "momentum_teacher", "color_jitter_p"),
-                   ordered=("global_crops_scale", "local_crops_scale"))
+                   ordered=("global_crops_scale", "local_crops_scale"), seed=("seed",))
     return args
 
 

@@ -107,6 +107,8 @@ _RULES = {  # rule -> (test of one value, what the error says)
     "probability": (lambda x: 0 <= x <= 1, "is a probability: it must lie in [0, 1]"),
     "fraction": (lambda x: 0 < x <= 1, "must lie in (0, 1]"),
     "ordered": (lambda pair: 0 < pair[0] <= pair[1] <= 1, "must be two fractions LOW HIGH, 0 < LOW <= HIGH <= 1"),
+    # numpy takes seeds in [0, 2**32); each process adds its rank, so half of that leaves room for any launch
+    "seed": (lambda x: 0 <= x < 2 ** 31, "must lie in [0, 2**31)"),
 }
 
 
@@ -118,6 +120,7 @@ def check_args(parser, args, **rules) -> None:
         probability   in [0, 1]
         fraction      in (0, 1] (a share that must not be empty)
         ordered       a pair LOW HIGH with 0 < LOW <= HIGH <= 1 (crop scales)
+        seed          an int in [0, 2**31) (numpy's range, with room for the rank)
     A flag left at None ("not given") is skipped; NaN and infinity always fail."""
     for rule, names in rules.items():
         test, words = _RULES[rule]

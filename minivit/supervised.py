@@ -206,7 +206,8 @@ FLAG_RULES = dict(
     non_negative=("warmup_epochs", "min_lr", "weight_decay", "mixup", "cutmix", "clip_grad", "num_workers",
                   "eval_every"),
     probability=("label_smoothing",),
-    fraction=("crop_scale", "train_fraction"))
+    fraction=("crop_scale", "train_fraction"),
+    seed=("seed",))
 
 
 def check_flags(parser, args, **extra) -> None:

@@ -223,6 +223,7 @@ def cases(f):
             (["--data", bad, "--batch_size", "2"], f"{bad}/train: none of its 3 image files could be decoded"),
             (["--epochs", "100000000000"], "more than a run can take"),
             (["--output_dir", str(f["results_dir"])], "holds a folder results.json"),
+            (["--seed", "-1"], "--seed -1: must lie in [0, 2**31)"),
         ],
         "train_resnet.py": [
             (["--momentum", "2"], "--momentum 2.0: is a probability"),
@@ -243,6 +244,7 @@ def cases(f):
             (["--arch", "vit_s8", "--data", f"{bad}/train", "--batch_size_per_gpu", "2"],
              f"{bad}/train: none of its 3 image files could be decoded"),
             (["--arch", "vit_s8", "--output_dir", str(f["attention_file"])], "holds a file attention"),
+            (["--arch", "vit_s8", "--seed", str(2 ** 40)], "must lie in [0, 2**31)"),
         ],
     }
 

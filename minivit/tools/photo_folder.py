@@ -92,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--processes", type=int, default=1, help="draw the photos in this many processes")
     args = parser.parse_args(argv)
-    cli.check_args(parser, args, positive=("images", "classes", "processes"), non_negative=("seed",))
+    cli.check_args(parser, args, positive=("images", "classes", "processes"), seed=("seed",))
     with cli.errors():  # root a file, or under one, or read-only: one line before drawing anything
         checkpoint.make_output_dir(args.root, "root")
     args.processes = cap_workers(args.processes)  # --processes 1000 on a laptop
