@@ -48,3 +48,61 @@ def test_blur_matches_pil_inside_and_at_the_border(sigma):
     inside[r:-r, r:-r] = True
     assert error[inside].mean() < BLUR_INSIDE_MEAN and error[inside].max() < BLUR_INSIDE_MAX
     assert error[~inside].mean() < BLUR_BORDER_MEAN, (sigma, error[~inside].mean())
+
+
+# --------------------------------------------------------------------------------------------------- linear probe
+
+def pil_bilinear_crops(array, boxes, flips, size):
+    """The official training view of eval_linear.py written with PIL alone: torchvision's RandomResizedCrop(size)
+    crops the box and resizes it with PIL's BILINEAR filter (its default interpolation; antialiased when
+    shrinking), RandomHorizontalFlip mirrors it. array uint8 (H, W, 3); boxes (top, left, h, w) -> float64
+    (n, 3, size, size) in [0, 1]."""
+    out = []
+    for (top, left, h, w), flip in zip(boxes.tolist(), flips.tolist()):
+        crop = Image.fromarray(array).crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+        crop = np.asarray(crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop, dtype=np.float64) / 255
+        out.append(torch.from_numpy(crop).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("as_float", [False, True], ids=["uint8 (CPU per box)", "float (batched, the GPU's)"])
+def test_linear_probe_crops_are_bilinear_random_resized_crops(as_float):
+    """SupervisedAugment(interpolation="bilinear"), what minivit.linear trains on, equals PIL's bilinear resize of
+    the same boxes to 1 level of 255: PIL rounds to uint8 between its two passes and after the second; we round
+    once (uint8 path) or never (float path), and bilinear weights are non-negative, so no overshoot is clipped."""
+    from minivit.augment import IMAGENET_MEAN, IMAGENET_STD, SupervisedAugment, random_crop_params
+
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)                  # noise: every filter difference shows
+    batch = torch.from_numpy(array).permute(2, 0, 1)[None].repeat(6, 1, 1, 1)  # 6 crops of one photo
+    ours = SupervisedAugment(40, interpolation="bilinear")(batch.float() / 255 if as_float else batch, gen(3))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    ours = ours.double() * std + mean                                           # back to [0, 1]
+    sizes = torch.tensor([[75, 100]] * 6)
+    boxes, flips = random_crop_params(sizes, (0.08, 1.0), hflip_p=0.5, generator=gen(3))  # the same draws
+    assert flips.any() and not flips.all() and (boxes[:, 2:] < 40).any() and (boxes[:, 2:] > 40).any()
+    expected = pil_bilinear_crops(array, boxes, flips, 40)
+    assert (ours - expected).abs().max() <= 1 / 255 + 1e-5  # + float32 normalising there and back
+    bicubic = SupervisedAugment(40)(batch, gen(3)).double() * std + mean        # the filter matters: not bicubic
+    assert (bicubic - expected).abs().max() > 10 / 255
+
+
+def test_linear_probe_uses_bilinear_crops_by_default(monkeypatch, capsys):
+    import minivit.augment
+    from minivit import linear
+
+    class Built(Exception):
+        pass
+
+    def record(size, **kwargs):
+        raise Built(kwargs)
+
+    monkeypatch.setattr(minivit.augment, "SupervisedAugment", record)        # stop main() where it builds it
+    common = ["--arch", "vit_ti16", "--data", "digits", "--image_size", "16", "--num_workers", "0"]
+    with pytest.raises(Built) as built:
+        linear.main(common)
+    assert built.value.args[0] == {"interpolation": "bilinear"}
+    with pytest.raises(SystemExit):
+        linear.main(common + ["--interpolation", "nearest"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --interpolation: invalid choice") and err.count("\n") == 1
