@@ -173,9 +173,9 @@ def main(argv=None):
     dim = feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens)
     classifier = LinearClassifier(dim, train_set.num_classes).to(args.device)
     optimizer, scheduler = make_optimizer(classifier, args.epochs, args.batch_size, args.lr)
+    views = "the evaluation view (--no_aug)" if args.no_aug else f"random-resized crops ({args.interpolation}) + flip"
     print(f"linear probe: {describe(train_set)}; {describe(test_set)}; {args.arch} ({args.weights}); "
-          f"{dim}-d features; lr {optimizer.param_groups[0]['lr']:.2e}; training views: "
-          + ("the evaluation view (--no_aug)" if args.no_aug else f"random-resized crops ({args.interpolation}) + flip"))
+          f"{dim}-d features; lr {optimizer.param_groups[0]['lr']:.2e}; training views: {views}")
     if hasattr(model, "get_intermediate_layers"):
         print(f"features: CLS tokens of the last {args.n_last_blocks} blocks"
               + (" + the mean patch token" if args.avgpool_patchtokens else ""))
