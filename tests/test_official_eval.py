@@ -106,3 +106,102 @@ def test_linear_probe_uses_bilinear_crops_by_default(monkeypatch, capsys):
         linear.main(common + ["--interpolation", "nearest"])
     err = capsys.readouterr().err
     assert err.startswith("error: argument --interpolation: invalid choice") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------ attention-map preprocessing
+
+def official_view(path, size, patch):
+    """visualize_attention.py's preprocessing written with PIL alone: Resize((size, size)) is PIL's bilinear resize
+    of the whole image to a square (torchvision's default filter), ToTensor scales to [0, 1], and
+    img[:, :h, :w] keeps the top-left h x w with h, w cut down to multiples of the patch. -> float (3, h, w)."""
+    with Image.open(path) as im:
+        x = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+    h, w = size - size % patch, size - size % patch
+    return torch.from_numpy(x[:h, :w].copy()).permute(2, 0, 1)
+
+
+def test_attention_map_images_are_prepared_as_visualize_attention(tmp_path):
+    from minivit.attention_maps import load_image
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(path)
+    ours = load_image(path, 44, 8, preprocess="official")             # 50x70 -> 44x44 -> the top-left 40x40
+    assert ours.shape == (3, 40, 40)
+    torch.testing.assert_close(ours, official_view(path, 44, 8), rtol=0, atol=0)   # the same PIL resize: exact
+    # the old way, kept as an option: shorter side 44 (bicubic, 44x62), the centre 40x56 (2 rows, 3 columns off)
+    with Image.open(path) as im:
+        old = np.asarray(im.convert("RGB").resize((62, 44), Image.BICUBIC), dtype=np.float32)[2:42, 3:59] / 255
+    torch.testing.assert_close(load_image(path, 44, 8, preprocess="keep_aspect"),
+                               torch.from_numpy(old.copy()).permute(2, 0, 1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="preprocess"):
+        load_image(path, 44, 8, preprocess="centre")
+
+
+def test_attention_maps_command_defaults_to_the_official_preprocessing(tmp_path, monkeypatch, capsys):
+    from minivit import attention_maps
+
+    class Loaded(Exception):
+        pass
+
+    def record(path, image_size, patch_size, preprocess="keep_aspect"):
+        raise Loaded(preprocess)
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(path)
+    monkeypatch.setattr(attention_maps, "load_image", record)
+    common = ["--arch", "vit_ti16", "--patch_size", "8", "--image", str(path), "--image_size", "32", "--device", "cpu"]
+    for extra, expected in (([], "official"), (["--html", str(tmp_path / "p.html")], "keep_aspect"),
+                            (["--preprocess", "keep_aspect"], "keep_aspect")):
+        with pytest.raises(Loaded, match=expected):
+            attention_maps.main(common + ["--output_dir", str(tmp_path / "maps")] + extra)
+    with pytest.raises(SystemExit):
+        attention_maps.main(common + ["--preprocess", "squash"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: argument --preprocess: invalid choice") and err.count("\n") == 1
+
+
+def voc_folder(root, size=(70, 50)):
+    """A one-image PASCAL VOC folder: a bright rectangle (object 1) on dark noise, its mask alike. -> (image, mask)
+    paths. size: (width, height)."""
+    (root / "JPEGImages").mkdir(parents=True), (root / "SegmentationObject").mkdir()
+    W, H = size
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 60, (H, W, 3), dtype=np.uint8)
+    ids = np.zeros((H, W), np.uint8)
+    ids[10:35, 20:60] = 1
+    image[ids == 1] = 230
+    Image.fromarray(image).save(root / "JPEGImages" / "a.png")
+    Image.fromarray(ids, mode="L").save(root / "SegmentationObject" / "a.png")
+    return root / "JPEGImages" / "a.png", root / "SegmentationObject" / "a.png"
+
+
+def test_segmentation_photos_and_masks_stay_aligned_under_the_official_preprocessing(tmp_path):
+    from minivit.segmentation import load_pair
+
+    image_path, mask_path = voc_folder(tmp_path)
+    image, labels = load_pair(image_path, mask_path, 44, 8, preprocess="official")
+    torch.testing.assert_close(image, official_view(image_path, 44, 8), rtol=0, atol=0)
+    with Image.open(mask_path) as m:                                         # the mask: nearest, the same cut
+        expected = np.asarray(m.resize((44, 44), Image.NEAREST))[:40, :40].astype(np.int64)
+    assert torch.equal(labels, torch.from_numpy(expected))
+    bright, object_ = image.mean(0) > 0.5, labels == 1                      # the object's pixels, seen twice
+    iou = (bright & object_).sum() / (bright | object_).sum()
+    assert iou > 0.95, iou                                                   # only edge pixels may disagree
+
+
+def test_segmentation_command_defaults_to_the_official_preprocessing(tmp_path, monkeypatch):
+    from minivit import segmentation
+
+    class Loaded(Exception):
+        pass
+
+    def record(image_path, mask_path, image_size, patch_size, preprocess="keep_aspect"):
+        raise Loaded(preprocess)
+
+    voc_folder(tmp_path / "voc")
+    monkeypatch.setattr(segmentation, "load_pair", record)
+    common = ["--arch", "vit_ti16", "--patch_size", "8", "--image_size", "32", "--data", str(tmp_path / "voc"),
+              "--output_dir", str(tmp_path / "out")]
+    for extra, expected in (([], "official"), (["--preprocess", "keep_aspect"], "keep_aspect")):
+        with pytest.raises(Loaded, match=expected):
+            segmentation.main(common + extra)
