@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, strategies as st
 from PIL import Image, ImageFilter
 
 from minivit.augment import gaussian_blur
@@ -205,3 +206,137 @@ def test_segmentation_command_defaults_to_the_official_preprocessing(tmp_path, m
     for extra, expected in (([], "official"), (["--preprocess", "keep_aspect"], "keep_aspect")):
         with pytest.raises(Loaded, match=expected):
             segmentation.main(common + extra)
+
+
+# ------------------------------------------------------------------------------------------------- copy detection
+
+def holidays_ap_reference(similarities, positives, top):
+    """The Holidays package's AP of one query, from its definition, in exact fractions: walk the `top` best items
+    (descending similarity, ties in database order); the k-th positive found (1-based) at position n (1-based)
+    closes a trapezoid of width 1 / P under the precision-recall curve, between the precision before it,
+    (k - 1) / (n - 1) (taken as 1 when n = 1), and the precision with it, k / n."""
+    from fractions import Fraction
+
+    ranking = sorted(range(len(similarities)), key=lambda i: -similarities[i])[:top]   # sorted() is stable
+    P, found, area = sum(positives), 0, Fraction(0)
+    for n, item in enumerate(ranking, start=1):
+        if positives[item]:
+            found += 1
+            before = Fraction(1) if n == 1 else Fraction(found - 1, n - 1)
+            area += (before + Fraction(found, n)) / 2 / P
+    return area
+
+
+def test_copydays_ap_by_hand():
+    from minivit.copydetect import average_precision, copydays_metrics, holidays_average_precision
+
+    sims = torch.linspace(1, 0, 30)                                      # item i at rank i
+    lone = lambda r: torch.arange(30) == r                               # noqa: E731  one positive at rank r
+    assert holidays_average_precision(sims, lone(0)) == 1.0
+    assert holidays_average_precision(sims, lone(3)) == pytest.approx(1 / 8)       # 1 / (2 (r + 1))
+    assert average_precision(sims, lone(3)) == pytest.approx(1 / 4)                # the whole-ranking AP: 1 / (r + 1)
+    assert holidays_average_precision(sims, lone(19)) == pytest.approx(1 / 40)     # the last one kept
+    assert holidays_average_precision(sims, lone(25)) == 0.0                       # beyond the top 20
+    assert holidays_average_precision(sims, lone(25), top=30) == pytest.approx(1 / 52)
+    two = lone(0) | lone(2)                                              # (1 + 1) / 4 + (1/2 + 2/3) / 4
+    assert holidays_average_precision(sims, two) == pytest.approx(1 / 2 + 7 / 24)
+    assert holidays_average_precision(sims, lone(0) | lone(22)) == pytest.approx(1 / 2)   # P = 2, one found
+    metrics = copydays_metrics(torch.stack([sims, sims]), torch.stack([lone(0), lone(3)]))
+    assert metrics == pytest.approx({"mAP": (1 + 1 / 8) / 2, "top1": 0.5})
+    with pytest.raises(ValueError, match="no positive"):
+        copydays_metrics(sims[None], torch.zeros(1, 30, dtype=torch.bool))
+
+
+@given(st.integers(1, 6), st.integers(1, 40), st.integers(1, 45), st.integers(0, 2 ** 31 - 1), st.booleans())
+def test_copydays_ap_equals_the_holidays_definition_on_random_rankings(Q, N, top, seed, ties):
+    from minivit.copydetect import copydays_metrics
+
+    g = gen(seed)
+    similarity = (torch.randint(0, 4, (Q, N), generator=g) if ties else torch.rand(Q, N, generator=g)).double()
+    positives = torch.rand(Q, N, generator=g) < torch.rand(Q, 1, generator=g)
+    positives[torch.arange(Q), torch.randint(0, N, (Q,), generator=g)] = True      # at least one each
+    per = copydays_metrics(similarity, positives, top, per_query=True)
+    expected = [float(holidays_ap_reference(s.tolist(), p.tolist(), top)) for s, p in zip(similarity, positives)]
+    torch.testing.assert_close(per["ap"], torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert per["mAP"] == pytest.approx(sum(expected) / Q, abs=1e-12)
+
+
+def test_whitening_gives_identity_covariance_on_what_it_learnt():
+    from minivit.copydetect import learn_whitening, whiten
+
+    g = gen(0)
+    # standard deviations 1 to 0.01 along random orthogonal axes: correlated features whose variances span four
+    # decades, all above the 1e-5 floor, so that every direction is measured and none is floored
+    axes = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))[0]
+    scales = torch.logspace(0, -2, 12, dtype=torch.float64)
+    distractors = (torch.randn(2000, 12, generator=g, dtype=torch.float64) * scales) @ axes.T + 5   # off-centre
+    learnt = learn_whitening(distractors)
+    white = whiten(distractors, learnt).double()                                   # float32 out
+    covariance = (white - white.mean(0)).T @ (white - white.mean(0)) / len(white)
+    torch.testing.assert_close(white.mean(0), torch.zeros(12, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(covariance, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-5)  # float32 rounding
+    variances = learnt[1].inverse().pow(2).sum(0)                                   # the axes' variances, largest first
+    assert (variances[:-1] >= variances[1:]).all()
+    # fewer images than dimensions: the unspanned directions are floored at 1e-5 of the largest, not divided by 0
+    few = learn_whitening(distractors[:5])
+    assert torch.isfinite(few[1]).all() and torch.isfinite(whiten(distractors, few)).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        learn_whitening(distractors[:1])
+
+
+def tiny_vit():
+    from minivit.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("vit_ti16", num_classes=0, img_size=32, patch_size=8).eval()
+
+
+def test_copy_detection_whitening_is_learnt_on_the_distractors_only(monkeypatch):
+    from minivit import copydetect
+    from minivit.data import ShapesDataset
+
+    shapes = ShapesDataset("test", 32)
+    originals = torch.stack([shapes[i][0] for i in range(3)])
+    distractors = torch.stack([shapes[i][0] for i in range(3, 12)])
+    model, learnt_on = tiny_vit(), []
+    learn = copydetect.learn_whitening
+    monkeypatch.setattr(copydetect, "learn_whitening", lambda f: learnt_on.append(f.clone()) or learn(f))
+    results, rankings, *_ = copydetect.evaluate({"m": model}, originals, distractors, ("jpeg",))
+    similarity, positives = rankings["m"]                                          # of the whitened cls feature
+    raw = copydetect.copy_features(model, distractors, "cpu", normalize_rows=False)
+    assert len(learnt_on) == 2                                                     # cls, then cls+gem
+    for seen, feature in zip(learnt_on, ("cls", "cls+gem")):
+        torch.testing.assert_close(seen, raw[feature], rtol=0, atol=0)             # the distractors' raw features
+    # the score is the Copydays one, the whole ranking's AP is kept beside it; no whitening: plain cosine
+    assert results["m"]["cls"]["all"]["mAP"] == copydetect.copydays_metrics(similarity, positives)["mAP"]
+    plain, *_ = copydetect.evaluate({"m": model}, originals, distractors, ("jpeg",), whitening=False)
+    feats = copydetect.copy_features(model, torch.cat((originals, distractors)), "cpu")
+    queries = copydetect.copy_features(model, copydetect.make_queries(originals, ("jpeg",))[0], "cpu")
+    cosine = queries["cls"] @ feats["cls"].T
+    assert plain["m"]["cls"]["all"]["mAP"] == pytest.approx(copydetect.copydays_metrics(cosine, positives)["mAP"])
+    assert plain["m"]["cls"]["all"]["mAP_full_ranking"] == pytest.approx(
+        copydetect.retrieval_metrics(cosine, positives)["mAP"])
+
+
+def test_copy_detection_photos_are_squashed(tmp_path):
+    """eval_copy_detection.py's Resize((imsize, imsize), interpolation=3): the whole photo to a square, bicubic,
+    for a class folder (train/ and val/) and for a plain folder of photos alike."""
+    from minivit.copydetect import load_images
+
+    rng = np.random.default_rng(0)
+    expected = []
+    for k, (split, (w, h)) in enumerate([("train", (50, 30)), ("train", (40, 64)), ("val", (45, 60)),
+                                         ("val", (70, 20))]):
+        (tmp_path / "cls" / split / "a").mkdir(parents=True, exist_ok=True)
+        photo = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        photo.save(tmp_path / "cls" / split / "a" / f"{k}.png")
+        (tmp_path / "flat").mkdir(exist_ok=True)
+        photo.save(tmp_path / "flat" / f"{k}.png")
+        expected.append(torch.from_numpy(np.array(photo.resize((24, 24), Image.BICUBIC))).permute(2, 0, 1))
+    for folder, (n_originals, n_distractors) in (("cls", (2, 2)), ("flat", (1, 3))):
+        originals, distractors = load_images(str(tmp_path / folder), 24, n_originals, n_distractors)
+        assert len(originals) == n_originals and len(distractors) == n_distractors
+        got = sorted(torch.cat((originals, distractors)).tolist())
+        assert got == sorted(x.tolist() for x in expected)                # every photo squashed, exactly
+    originals, _ = load_images(str(tmp_path / "cls"), 24, 2, 2, preprocess="keep_aspect")  # the old centre squares
+    assert not any(torch.equal(o, x) for o in originals for x in expected)
