@@ -6,7 +6,9 @@ hidden among distractors. Features: the final-norm CLS token, and, as in the pap
 the GeM-pooled (p=4) output patch tokens. Scored as the official eval_copy_detection.py scores Copydays:
   - every image is squashed (resized, not cropped) to image_size x image_size, bicubic: --imsize 320 there;
   - the features are PCA-whitened (centred, rotated onto the principal axes, each divided by its standard
-    deviation) with a whitening learnt on distractor images only, then L2-normalised; cosine similarity;
+    deviation) with a whitening learnt on distractor images only, then L2-normalised; cosine similarity (the
+    paper learns it on 20k YFCC100M images apart from its 10k distractors; here on the distractors themselves,
+    which hold no original and no query either);
   - each query keeps its top 20 matches, scored with the INRIA Holidays package's average precision
     (score_ap_from_ranks_1: trapezoids under the precision-recall curve): a lone positive at rank r (0-based)
     scores 1 at r = 0, 1 / (2 (r + 1)) after, and 0 beyond the 20 kept.
