@@ -340,3 +340,73 @@ def test_copy_detection_photos_are_squashed(tmp_path):
         assert got == sorted(x.tolist() for x in expected)                # every photo squashed, exactly
     originals, _ = load_images(str(tmp_path / "cls"), 24, 2, 2, preprocess="keep_aspect")  # the old centre squares
     assert not any(torch.equal(o, x) for o in originals for x in expected)
+
+
+# ------------------------------------------------------------------------------------------- precision, the bench
+
+def test_precision_curves_run_on_a_cpu(tmp_path):
+    """bench/precision_curves.py --quick: three tiny train_dino.py runs (bf16 seeds 0 and 1, fp32 seed 0; fp16 needs
+    CUDA), their curves side by side and the verdict against the seeds' noise. The GPU measurement is the same
+    script with its defaults (bench/gpu_check.sh precision)."""
+    import os
+    import sys
+
+    from conftest import run_command, script_env
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "precision.md"
+    proc = run_command([sys.executable, os.path.join(root, "bench", "precision_curves.py"), "--quick",
+                        "--output_dir", tmp_path / "runs", "--out", out], timeout=180, env=script_env(), cwd=root)
+    table = out.read_text()
+    assert table in proc.stdout
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2]                                # a point per step, all three runs
+    assert all(len(r) == 6 and all(cell.strip() for cell in r) for r in rows)
+    fp32_gap = [abs(float(r[4])) for r in rows]
+    noise = [abs(float(r[5])) for r in rows]
+    assert sum(fp32_gap) < sum(noise)      # the same seed in fp32 is closer to bf16 than another seed in bf16
+    assert "fp32 seed 0: mean |fp32 seed 0 - bf16 seed 0|" in table and "within the run-to-run noise" in table
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.log")) == ["bf16_seed_0.log", "bf16_seed_1.log",
+                                                                         "fp32_seed_0.log"]
+
+
+def test_precision_curves_bad_flags_give_one_line(tmp_path, capsys):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import precision_curves
+
+    for argv, message in ((["--device", "cpu"], "fp16 needs --device cuda"),
+                          (["--quick", "--steps", "3"], "--steps 3 is not a multiple of --epochs 2"),
+                          (["--quick", "--seeds", "1", "1"], "two different seeds"),
+                          (["--quick", "--precisions", "bf16"], "two or more"),
+                          (["--quick", "--jobs", "0"], "--jobs 0: must be > 0"),
+                          (["--quick", "--train_args", '"unclosed'], "quote")):
+        with pytest.raises(SystemExit, match=message):
+            precision_curves.main(argv + ["--output_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())                                        # nothing ran, nothing written
+
+
+def test_precision_report_rule_and_a_stopped_run():
+    """The verdict's rule (a precision's mean gap to the reference against the two seeds' mean gap) and a run that
+    train_dino.py stopped (a NaN loss: a result to report, not a failure)."""
+    import argparse
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.precision_curves import report
+
+    args = argparse.Namespace(device="cpu", precisions=["bf16", "fp16", "fp32"], arch="vit_s8", steps=30, epochs=3,
+                              log_every=10, seeds=[0, 1], jobs=3)
+    run = lambda name, losses, error=None: dict(name=name, curve=list(zip((10, 20, 30), losses)),  # noqa: E731
+                                                seconds=1.0, error=error)
+    table = report([run("bf16 seed 0", [7.0, 6.0, 5.0]), run("bf16 seed 1", [7.2, 6.2, 5.2]),
+                    run("fp16 seed 0", [7.0, 6.5], "error: loss is nan at epoch 3 step 1"),
+                    run("fp32 seed 0", [7.1, 6.1, 5.1])], args)
+    assert "| 20 | 6.0000 | 6.2000 | 6.5000 | 6.1000 | +0.5000 | +0.1000 | +0.2000 |" in table
+    assert "| 30 | 5.0000 | 5.2000 |  | 5.1000 |  | +0.1000 | +0.2000 |" in table
+    assert "run-to-run noise: mean |bf16 seed 1 - bf16 seed 0| = 0.2000" in table
+    assert "fp16 seed 0: mean |fp16 seed 0 - bf16 seed 0| = 0.2500; stopped after step 20: error: loss is nan" in table
+    assert "fp32 seed 0: mean |fp32 seed 0 - bf16 seed 0| = 0.1000; 0.50x the noise: within" in table
