@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from minivit.training import read_jsonl
 
@@ -78,7 +79,6 @@ def dino_figure(runs, labels, png, images=4):
                 axes[row, i].set_ylabel(title, fontsize=8)
     right.suptitle(f"teacher CLS attention, {labels[0]}", fontsize=9)
     fig.savefig(png, dpi=80)
-    from PIL import Image  # a palette PNG: a few times smaller, for the repository
     Image.open(png).convert("RGB").quantize(256).save(png, optimize=True)
 
 
