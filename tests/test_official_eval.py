@@ -89,7 +89,6 @@ def test_linear_probe_crops_are_bilinear_random_resized_crops(as_float):
 
 
 def test_linear_probe_uses_bilinear_crops_by_default(monkeypatch, capsys):
-    import minivit.augment
     from minivit.tools import linear
 
     class Built(Exception):
@@ -98,7 +97,7 @@ def test_linear_probe_uses_bilinear_crops_by_default(monkeypatch, capsys):
     def record(size, **kwargs):
         raise Built(kwargs)
 
-    monkeypatch.setattr(minivit.augment, "SupervisedAugment", record)        # stop main() where it builds it
+    monkeypatch.setattr(linear, "SupervisedAugment", record)                 # stop main() where it builds it
     common = ["--arch", "vit_ti16", "--data", "digits", "--image_size", "16", "--num_workers", "0"]
     with pytest.raises(Built) as built:
         linear.main(common)
