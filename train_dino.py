@@ -155,14 +155,15 @@ def get_args_parser():
     g.add_argument("--freeze_last_layer", type=int, default=1, help="epochs with the head's last layer frozen")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data", default=None, help="an image folder, CIFAR, 'shapes(_plain)', 'digits' (none: offline)")
+    g.add_argument("--knn_data", default=None, help="a folder with train/ and val/ for k-NN ('none': skip)")
+    g.add_argument("--eval_every", type=int, default=10, help="k-NN and attention maps every N epochs (0: at the end)")
+    g.add_argument("--num_workers", type=int, default=10, help="data loading processes (they only decode)")
+    g = p.add_argument_group("the offline demo (no --data): what the presets set beside the flags above")
     g.add_argument("--shapes", choices=("plain", "clutter"), default="plain", help="the offline data's backgrounds")
     g.add_argument("--knn_images", type=int, nargs=2, default=(0, 0), metavar=("TRAIN", "TEST"),
                    help="offline k-NN on the first TRAIN/TEST images (0: all)")
-    g.add_argument("--knn_data", default=None, help="a folder with train/ and val/ for k-NN ('none': skip)")
-    g.add_argument("--eval_every", type=int, default=10, help="k-NN and attention maps every N epochs (0: at the end)")
     g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
                    help="k-NN of a random-init backbone and of raw pixels before training")
-    g.add_argument("--num_workers", type=int, default=10, help="data loading processes (they only decode)")
     g = p.add_argument_group("system")
     g.add_argument("--output_dir", default="runs/dino", help="checkpoint.pth, teacher_backbone.pth, logs, plots")
     g.add_argument("--resume", action="store_true", help="continue exactly from output_dir/checkpoint.pth")

@@ -4,6 +4,7 @@
 # and one call at most 10, so run the parts as two calls (from the repository root, timeout_s 600 each):
 #   bash bench/gpu_check.sh photos step kernels   # issue 12's pipeline, the DINO step, the kernel tests (~9 min)
 #   bash bench/gpu_check.sh proof                 # issue 13's GPU proof: learned DINO vs labels vs random (~7 min)
+#   bash bench/gpu_check.sh precision             # issue 24: bf16 vs fp16 DINO loss curves (~2-3 min, its own call)
 # With no argument it runs photos, step, kernels, proof in that order. FULL=1 adds the torch.compile yardstick and
 # the attention tile sweep to `kernels` (~6 min more).
 # Most important first, each step under its own timeout, so that a slow step costs only itself.
@@ -95,5 +96,13 @@ print(f"| random init | {log[0]['knn_top1']:.1f}% | | |\n| raw pixels | {log[0][
 print(f"| supervised (labels), train_vit.py | | {sup['test_top1']:.1f}% | {sup['train_seconds'] / 60:.1f} min |")
 PY
 cat "$R/seg/report.md" "$R/copy/report.md" "$R/compare/report.md" 2>/dev/null
+fi
+if want precision; then
+# 4. Issue 24, bf16 (ours) vs fp16 + GradScaler (the official default): 300 DINO steps of train_dino.py's offline GPU
+#    preset (ViT-S/8, patch 8, where the official fp16 runs were unstable), three runs at once on the one GPU: bf16
+#    seeds 0 and 1 (the run-to-run noise) and fp16 seed 0; the loss curves side by side and the verdict.
+timeout 170 python3 bench/precision_curves.py --jobs 3 --timeout 160 --output_dir /tmp/precision_runs \
+    --out "$OUT/precision.md" 2>&1 | tee -a "$OUT/log.txt" | tail -3
+cat "$OUT/precision.md" 2>/dev/null
 fi
 cat "$OUT/data.md" "$OUT/photos_e2e.txt" "$OUT/dino.md" "$OUT"/kernels*.md 2>/dev/null

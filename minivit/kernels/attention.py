@@ -324,12 +324,22 @@ def _check_inputs(q, k, v):
 
 
 def _tiles(D, dtype, N):
-    """BLOCK_D, then (BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, dK/dV and dQ kernels. Compiled
-    with ptxas for sm_80 and sm_90: no register spills, at most 72 KB of shared memory (consumer GPUs have 99)."""
+    """BLOCK_D, then (BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, dK/dV and dQ kernels.
+
+    tests/test_aot_compile.py compiles every launch of a DINO step (ViT-S, D = 64; N = 197, 785, 37, 145) and of
+    ViT-H's heads (D = 80) for sm_80 and sm_90 as the JIT specialises them (divisibility-by-16 hints included), and
+    ptxas reports, Triton 3.6 and 3.9 alike: shared memory at most 64 KB at D <= 64 and 80 KB at D = 80-128 on
+    sm_90, 56 / 72 KB on sm_80 (whose count consumer GPUs, 99 KB, share); no register spills but two. The dK/dV
+    kernel's (32, 128) 16-bit tile spills 20 B (Triton 3.6) to 68 B (3.9) a thread, kept because it timed fastest
+    (the test's SPILL_ALLOWED says why); the fp32 forward at D = 80-128 spills 20 B on sm_80 with Triton 3.9."""
     BLOCK_D = max(16, triton.next_power_of_2(D))  # tl.dot needs >= 16; D=80 (ViT-H) runs as 128, masked
     if dtype == torch.float32:
-        # exact fp32 dots run on CUDA cores (FMA), operands in registers: with the fp16 tiles they spill
-        return BLOCK_D, (64, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2)
+        # exact fp32 dots run on CUDA cores (FMA), operands in registers: with the fp16 tiles they spill. At D = 128
+        # the dK/dV kernel's 4 warps spilled 364-444 B a thread, half of it inside its loop (255 registers on sm_90,
+        # and on sm_80 with Triton 3.6); 8 warps hold the same tile in 94-115 registers, no spill, and still fit two
+        # programs per SM (registers and shared memory), so nothing is given up for it
+        dkdv_warps = 8 if BLOCK_D > 64 else 4
+        return BLOCK_D, (64, 32, 8, 2), (16, 32, dkdv_warps, 2), (32, 32, 4, 2)
     if BLOCK_D <= 64:
         # Measured on an H200, bf16, D = 64, by bench/tune_attention.py (its table is in bench/NOTES.md), the
         # fastest of 16-24 tiles per kernel. Short sequences (DINO's 96 px crops: 37 and 145 tokens) want small
@@ -382,12 +392,17 @@ def _attn_forward(q, k, v, scale, o=None, lse=None):
 
 # The backward's two paths, chosen by the padded sequence length BLOCK. The one-tile kernel keeps (BLOCK, BLOCK)
 # fp32 tiles (S, P, dP, dS) next to five (BLOCK, BLOCK_D) operands and three fp32 accumulators for its whole life.
-# ptxas (Triton 3.9, sm_80 and sm_90, cuobjdump --dump-resource-usage) on that kernel, 16-bit inputs:
-#   64 x 64, 4 warps: 201 registers on sm_90, no spill (sm_80: 255 + 280 B of stack); 64 x 128, 8 warps: 210-216,
-#   none; 128 x 64: spills at 8 warps (384 B sm_90, 8.5 KB sm_80) and at 16 (800 B, 7.5 KB).
-# fp32 operands stay in registers (exact dots on CUDA cores): 32 x 32 and 16 x 128 fit (117-140 registers), 32 x 64
-# spills 88 B, 64 x 64 about 1 KB. Hence at most 64 tokens in 16 bits (any D <= 128), and 32 x 64 elements in fp32.
-# Past that the blocked path, whose tiles do not grow with N, is the one that scales.
+# ptxas on that kernel, compiled as the JIT specialises it (divisibility-by-16 hints on the pointers and strides;
+# without them 64 x 64 takes 209 registers instead of 154 on sm_90 and spills 316 B on sm_80), Triton 3.9 / 3.6,
+# sm_90 and sm_80 (tests/test_aot_compile.py compiles the launched ones; the others were forced with path="tile"),
+# 16-bit inputs:
+#   64 x 64, 4 warps: 154 / 152 registers on sm_90, 238 on sm_80, no spill; 64 x 128, 8 warps: 148 and 158, none;
+#   128 x 64, 8 warps: 215-217 on sm_90, none (but 96 KB of shared memory), while sm_80 spills 472-484 B; 16 warps
+#   spill on both (264-272 B on sm_90, ~12 KB on sm_80).
+# fp32 operands stay in registers (exact dots on CUDA cores): 32 x 32 and 16 x 128 fit (64-134 and 79-96 registers);
+# 32 x 64 takes 255 and spills 12-20 B on sm_90 (none on sm_80), stored and reloaded once per thread, since this
+# kernel has no loop; 64 x 64 spills 3-45 KB. Hence at most 64 tokens in 16 bits (any D <= 128), and 32 x 64
+# elements in fp32. Past that the blocked path, whose tiles do not grow with N, is the one that scales.
 TILE_MAX_TOKENS = 64  # padded N of the one-tile backward, fp16/bf16
 TILE_MAX_ELEMENTS_FP32 = 32 * 64  # padded N times padded D of the one-tile backward in fp32 (and N <= 32)
 TILE_LIMIT = 128  # what the one-tile kernel accepts when a caller forces it (tests, sweeps): beyond, S spills badly

@@ -3,15 +3,23 @@
 In the last block, the CLS query's softmax attention over the patch tokens gives one map per head; DINO-trained
 ViTs segment objects in these maps without ever seeing a mask. A map is shown at the patch grid, upsampled by the
 patch size (nearest), and thresholded to keep the most-attended patches holding 60% of the attention mass.
+For the PNG figures an image is prepared as the official script prepares it: squashed to 480 x 480 (bilinear, the
+aspect ratio is not kept), then cut to a multiple of the patch size from the top-left corner. The --html explorer
+(and load_image called from Python) keeps the aspect: shorter side resized (bicubic), centre cut (--preprocess).
 
     python -m minivit.tools.attention_maps --arch vit_s8 --weights dino_deitsmall8_pretrain.pth --image photo.jpg
     python -m minivit.tools.attention_maps ... --image photo.jpg --image_size 224 --html photo.html   # explorer.py
 """
 import os
 
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from minivit import checkpoint, cli, distributed
+from minivit.augment import normalize
+from minivit.models import load_backbone
+from minivit.tools.explorer import check_size, write_explorer
 
 
 @torch.no_grad()
@@ -89,26 +97,37 @@ def save_attention_figure(image, attn, masks, path, mass=0.6):
     return path
 
 
-def load_image(path, image_size, patch_size):
-    """Read an image file -> (3, H, W) float in [0, 1]: shorter side resized to image_size (bicubic), then
-    centre-cropped so that H and W are multiples of the patch size. A file Pillow cannot read -> ValueError."""
-    from PIL import Image, UnidentifiedImageError
-    import numpy as np
+PREPROCESS = ("official", "keep_aspect")  # how load_image (and segmentation.load_pair) prepare an image
+
+
+def load_image(path, image_size, patch_size, preprocess="keep_aspect"):
+    """Read an image file -> (3, H, W) float in [0, 1] with H and W multiples of the patch size.
+
+    preprocess "official" (visualize_attention.py: Resize((480, 480)), torchvision's default bilinear on the PIL
+    image, then img[:, :h, :w] with h, w cut down to multiples of the patch): squashed to image_size x image_size,
+    then cut from the top-left; "keep_aspect": shorter side resized to image_size (bicubic), the centre cut to
+    multiples of the patch. keep_aspect is this function's default (what it did before issue 24, and what the --html
+    explorer shows); the command line's PNG figures default to official. A file Pillow cannot read -> ValueError."""
 
     try:
         im = Image.open(path)
         im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path} is not an image Pillow can read ({type(e).__name__}); pass JPEG or PNG files")
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"preprocess={preprocess!r}: use one of {', '.join(PREPROCESS)}")
     with im:
         im = im.convert("RGB")
-        scale = image_size / min(im.size)
-        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+        if preprocess == "official":
+            im = im.resize((image_size, image_size), Image.BILINEAR)
+        else:
+            scale = image_size / min(im.size)
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
         x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255   # (3, H, W)
     H, W = (x.shape[1] // patch_size) * patch_size, (x.shape[2] // patch_size) * patch_size
     if H == 0 or W == 0:
         raise ValueError(f"{path}: smaller than one {patch_size}-pixel patch at --image_size {image_size}")
-    top, left = (x.shape[1] - H) // 2, (x.shape[2] - W) // 2
+    top, left = ((x.shape[1] - H) // 2, (x.shape[2] - W) // 2) if preprocess == "keep_aspect" else (0, 0)
     return x[:, top:top + H, left:left + W]
 
 
@@ -121,8 +140,13 @@ def main(argv=None):
     parser.add_argument("--patch_size", type=int, default=None, help="the patch if the ViT was trained with another "
                         "than its name's (small images)")
     parser.add_argument("--image", nargs="+", required=True, help="one or more image files, any resolution")
-    parser.add_argument("--image_size", type=int, default=480, help="shorter side after resizing; the position "
-                        "embeddings are interpolated, so any size that is a multiple of the patch works")
+    parser.add_argument("--image_size", type=int, default=480, help="side of the square the image is squashed to "
+                        "(the shorter side with --preprocess keep_aspect); the position embeddings are interpolated, "
+                        "so any size works, cut down to a multiple of the patch")
+    parser.add_argument("--preprocess", default=None, choices=PREPROCESS, help="official (the default for the "
+                        "PNGs): squash to image_size x image_size (bilinear) and cut from the top-left, as "
+                        "visualize_attention.py; keep_aspect (the default of --html, whose page shows the photo "
+                        "undistorted): shorter side to image_size (bicubic), centre cut")
     parser.add_argument("--mass", type=float, default=0.6, help="attention mass kept in the masks (DINO: 0.6)")
     parser.add_argument("--output_dir", default="attention_maps")
     parser.add_argument("--html", default=None, help="write this self-contained HTML page instead of PNGs: the "
@@ -133,9 +157,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("image_size", "patch_size"), fraction=("mass",))
 
-    from minivit.augment import normalize
-    from minivit.models import load_backbone
-
+    if args.preprocess is None:
+        args.preprocess = "keep_aspect" if args.html else "official"
     if not args.arch.startswith("vit_"):
         cli.fail(f"--arch {args.arch} has no self-attention: pick a ViT (vit_s8, vit_s16, vit_b8, ...)")
     for path in args.image:  # before building anything
@@ -153,7 +176,7 @@ def main(argv=None):
     written = []
     for path in args.image:
         with cli.errors():
-            image = load_image(path, args.image_size, model.patch_size)          # (3, H, W) in [0, 1]
+            image = load_image(path, args.image_size, model.patch_size, args.preprocess)  # (3, H, W) in [0, 1]
         batch = normalize(image[None].to(device))                                # (1, 3, H, W)
         attn = cls_attention_maps(model, batch)[0].cpu()                        # (heads, h, w)
         masks = mass_threshold_masks(attn, args.mass)
@@ -166,13 +189,11 @@ def main(argv=None):
 
 def write_html(model, args):
     """The --html page for args.image[0] (minivit/tools/explorer.py); returns its path."""
-    from minivit.augment import normalize
-    from minivit.tools.explorer import check_size, write_explorer
 
     if len(args.image) != 1 or not os.path.isfile(args.image[0]):
         cli.fail(f"--html writes one page: pass one existing --image (got {' '.join(args.image)})")
     with cli.errors():
-        image = load_image(args.image[0], args.image_size, model.patch_size)          # (3, H, W) in [0, 1]
+        image = load_image(args.image[0], args.image_size, model.patch_size, args.preprocess)  # (3, H, W)
         h, w = image.shape[1] // model.patch_size, image.shape[2] // model.patch_size
         check_size(model.num_heads, h * w, model.patch_size, args.image_size)
     batch = normalize(image[None].to(args.device))                                   # (1, 3, H, W)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from minivit import cli
 from minivit.checkpoint import atomic_write, torch_load
@@ -98,9 +99,8 @@ def dino_figure(runs, labels, png, images=4):
             if i == 0:
                 axes[row, i].set_ylabel(title, fontsize=8)
     right.suptitle(f"teacher CLS attention, {labels[0]}", fontsize=9)
-    with atomic_write(png) as tmp:
+    with atomic_write(png) as tmp:  # a palette PNG: a few times smaller, for the repository
         fig.savefig(tmp, dpi=80)
-        from PIL import Image  # a palette PNG: a few times smaller, for the repository
         Image.open(tmp).convert("RGB").quantize(256).save(tmp, optimize=True)
 
 

@@ -20,6 +20,7 @@ import json
 
 import numpy as np
 import torch
+from PIL import Image
 
 MAX_BYTES = 48 * 2**20  # quantised attention in one page: browsers open ~64 MB of base64 without trouble
 
@@ -57,7 +58,6 @@ def _b64(array) -> str:
 
 def _png_data_url(image) -> str:
     """(3, H, W) float in [0, 1] -> a data: URL of its PNG."""
-    from PIL import Image
 
     pixels = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     buf = io.BytesIO()

@@ -3,8 +3,9 @@
 Features (the official eval_linear.py): ViT-S concatenates the CLS tokens of its last 4 blocks, each passed
 through the final norm (`--n_last_blocks 4`); ViT-B uses the last CLS token and the mean patch token
 (`--n_last_blocks 1 --avgpool_patchtokens`); a ResNet uses its pooled feature. Optimisation: SGD momentum 0.9,
-no weight decay, lr = 0.001 * batch / 256, cosine to 0 over the epochs, random-resized-crop of the whole photo + flip
-for training, resize + centre crop for evaluation, 100 epochs on ImageNet.
+no weight decay, lr = 0.001 * batch / 256, cosine to 0 over the epochs, 100 epochs on ImageNet. Training views:
+RandomResizedCrop (scale 0.08-1) of the whole photo with torchvision's default bilinear filter + flip, as the official
+train_transform (DINO's pre-training crops are bicubic; the probe's are not); evaluation: resize + centre crop.
 
     python -m minivit.tools.linear --arch vit_s16 --weights dino_deitsmall16_pretrain.pth --data /path/to/imagenet
     python -m minivit.tools.linear --arch vit_ti16 --weights ckpt.pth --data digits --image_size 32 --no_aug --epochs 50
@@ -17,6 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minivit import cli, distributed
+from minivit.augment import SupervisedAugment
+from minivit.data import build_dataset, build_loader, describe
+from minivit.models import load_backbone
+from minivit.tools.knn import eval_transform
 
 
 class LinearClassifier(nn.Module):
@@ -143,6 +148,9 @@ def main(argv=None):
                         "usually need a larger one")
     parser.add_argument("--no_aug", action="store_true", help="no augmentation: compute the frozen features once "
                         "and train on them, much faster (on a CPU, the only practical way)")
+    parser.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic"), help="filter of the "
+                        "training crops: bilinear, torchvision's default that the official eval_linear.py keeps; "
+                        "bicubic as minivit's probe before issue 24 and DINO's pre-training crops")
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -150,11 +158,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("patch_size", "image_size", "n_last_blocks", "epochs", "batch_size", "lr"),
                    non_negative=("num_workers",))
-
-    from minivit.augment import SupervisedAugment
-    from minivit.data import build_dataset, build_loader, describe
-    from minivit.models import load_backbone
-    from minivit.tools.knn import eval_transform
 
     with cli.errors():
         args.device = distributed.pick_device(args.device)
@@ -170,15 +173,16 @@ def main(argv=None):
     dim = feature_dim(model, args.n_last_blocks, args.avgpool_patchtokens)
     classifier = LinearClassifier(dim, train_set.num_classes).to(args.device)
     optimizer, scheduler = make_optimizer(classifier, args.epochs, args.batch_size, args.lr)
+    views = "the evaluation view (--no_aug)" if args.no_aug else f"random-resized crops ({args.interpolation}) + flip"
     print(f"linear probe: {describe(train_set)}; {describe(test_set)}; {args.arch} ({args.weights}); "
-          f"{dim}-d features; lr {optimizer.param_groups[0]['lr']:.2e}")
+          f"{dim}-d features; lr {optimizer.param_groups[0]['lr']:.2e}; training views: {views}")
     if hasattr(model, "get_intermediate_layers"):
         print(f"features: CLS tokens of the last {args.n_last_blocks} blocks"
               + (" + the mean patch token" if args.avgpool_patchtokens else ""))
 
     generator = torch.Generator().manual_seed(args.seed)  # crops and the order of precomputed features
     eval_view = eval_transform(train_set, args.image_size)
-    augment = SupervisedAugment(eval_view.size)
+    augment = SupervisedAugment(eval_view.size, interpolation=args.interpolation)  # + flip, as the official
     if not args.no_aug:  # image folders: the random crops come from the whole photo (square sets are unchanged)
         train_set = build_dataset(args.data, "train", min_pixels=augment.min_pixels)
     train_aug = eval_view if args.no_aug else (lambda images: augment(images, generator))

@@ -22,11 +22,15 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 
 from minivit import checkpoint, cli, distributed
+from minivit.augment import normalize
 from minivit.cli import parse_weights
+from minivit.data import ShapesDataset
 from minivit.models import build_backbones
-from minivit.tools.attention_maps import cls_attention_maps, mass_threshold_masks, save_attention_figure, upsample
+from minivit.tools.attention_maps import (PREPROCESS, cls_attention_maps, mass_threshold_masks, save_attention_figure,
+                                          upsample)
 
 VOID = 255  # PASCAL VOC's label for object borders and unlabelled pixels
 
@@ -74,7 +78,6 @@ def segmentation_scores(object_iou, image_index):
     return {"dino": means[0].item(), "per_head": per_head.tolist(), "best_head": int(per_head.argmax()),
             "best_head_jaccard": per_head.max().item(), "mean_heads": per_head.mean().item()}
 
-
 # --------------------------------------------------------------------------------------- models named on the CLI
 
 
@@ -101,34 +104,42 @@ def voc_pairs(root, image_set=None):
     return pairs
 
 
-def load_pair(image_path, mask_path, image_size, patch_size):
-    """An image and its label mask with the same geometry: shorter side resized to image_size (bicubic; nearest
-    for the mask), centre-cropped to multiples of the patch size. -> float (3, H, W) in [0, 1], int64 (H, W) ids.
-    Palette or grey masks keep their ids; in an RGB mask every distinct colour but black is one object."""
-    from PIL import Image
+def load_pair(image_path, mask_path, image_size, patch_size, preprocess="keep_aspect"):
+    """An image and its label mask with the same geometry, cut to multiples of the patch size, as
+    attention_maps.load_image prepares an image: preprocess "official" squashes both to image_size x image_size
+    (the image bilinear, as visualize_attention.py) and cuts from the top-left; "keep_aspect" (this function's
+    default, as before issue 24) resizes the shorter side to image_size (bicubic) and cuts the centre. The mask is
+    resized with the nearest filter either way, so that its ids stay ids and its objects stay over the image's.
+    -> float (3, H, W) in [0, 1], int64 (H, W) ids. Palette or grey masks keep their ids; in an RGB mask every
+    distinct colour but black is one object."""
 
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"preprocess={preprocess!r}: use one of {', '.join(PREPROCESS)}")
     with Image.open(image_path) as im, Image.open(mask_path) as m:
         if im.size != m.size:
             raise ValueError(f"{mask_path} is {m.size[0]}x{m.size[1]} but {image_path} is {im.size[0]}x{im.size[1]}")
-        scale = image_size / min(im.size)
-        size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-        image = np.asarray(im.convert("RGB").resize(size, Image.BICUBIC))
+        if preprocess == "official":  # visualize_attention.py's Resize((480, 480)): squashed, bilinear
+            size, resample = (image_size, image_size), Image.BILINEAR
+        else:
+            scale = image_size / min(im.size)
+            size, resample = (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC
+        image = np.asarray(im.convert("RGB").resize(size, resample))
         mask = np.asarray(m.resize(size, Image.NEAREST))
     if mask.ndim == 3:  # RGB: one id per colour, black = background (a colour cannot say "void")
         rgb = mask[..., :3].reshape(-1, 3)
         ids = np.unique(rgb, axis=0, return_inverse=True)[1].reshape(-1) + 1
         mask = np.where(rgb.max(1) > 0, ids, 0).reshape(mask.shape[:2])
     H, W = (size[1] // patch_size) * patch_size, (size[0] // patch_size) * patch_size
-    top, left = (size[1] - H) // 2, (size[0] - W) // 2
+    top, left = ((size[1] - H) // 2, (size[0] - W) // 2) if preprocess == "keep_aspect" else (0, 0)
     image = torch.from_numpy(image[top:top + H, left:left + W].copy()).permute(2, 0, 1).float() / 255
     return image, torch.from_numpy(mask[top:top + H, left:left + W].astype(np.int64))
 
 
-def batches(data, num_images, image_size, patch_size, batch_size, image_set=None):
+def batches(data, num_images, image_size, patch_size, batch_size, image_set=None, preprocess="keep_aspect"):
     """Yield (images float (B, 3, H, W) in [0, 1], labels int64 (B, H, W): 0 background, VOID, else object ids)
     for the first num_images (None: all) test shapes, in batches of batch_size at image_size (one object each), or
-    VOC images one at a time (their sizes vary)."""
-    from minivit.data import ShapesDataset
+    VOC images one at a time (their sizes vary), prepared by load_pair(..., preprocess). The shapes are drawn
+    square at image_size, a multiple of the patch: both preprocessings would leave them as they are."""
 
     if data in ("shapes", "shapes_plain"):
         if image_size % patch_size:
@@ -144,9 +155,8 @@ def batches(data, num_images, image_size, patch_size, batch_size, image_set=None
         raise ValueError(f"--data {data!r}: use 'shapes', 'shapes_plain' or a PASCAL VOC-style folder (JPEGImages/ + "
                          f"SegmentationObject/ or SegmentationClass/)")
     for image_path, mask_path in voc_pairs(data, image_set)[:num_images]:
-        image, labels = load_pair(image_path, mask_path, image_size, patch_size)
+        image, labels = load_pair(image_path, mask_path, image_size, patch_size, preprocess)
         yield image[None], labels[None]
-
 
 # --------------------------------------------------------------------------------------------- evaluation, report
 
@@ -158,7 +168,6 @@ def evaluate(models, batches, device, mass=0.6, keep=4):
     Returns ({label: segmentation_scores dict}, number of images, number of objects, examples): examples holds the
     first `keep` images as dicts with 'image', 'labels' and, per label, (attn (heads, h, w), masks (heads, h, w),
     the head best on this image, its Jaccard or None when the image has no object)."""
-    from minivit.augment import normalize
 
     object_iou, image_index, examples, n_images = {label: [] for label in models}, [], [], 0
     for images, labels in batches:
@@ -214,9 +223,11 @@ def save_grid(examples, labels, patch_sizes, path):
 
 def write_report(out, scores, setup):
     """report.md (a table, Jaccard in %) and results.json (the raw scores in [0, 1]) in folder out. -> paths."""
+    S = setup["image_size"]
+    geometry = f"squashed to {S}x{S} px" if setup.get("preprocess") == "official" else f"shorter side {S} px"
     lines = [f"# Segmentation from self-attention ({setup['mass']:.0%} of the CLS attention mass)", "",
              f"{setup['data']}: {setup['images']} images, {setup['objects']} objects; {setup['arch']} "
-             f"(patch {setup['patch_size']}), shorter side {setup['image_size']} px. Jaccard index in %.", "",
+             f"(patch {setup['patch_size']}), {geometry}. Jaccard index in %.", "",
              "| weights | best head per object (DINO Table 4) | best single head | mean over heads |",
              "|---|---|---|---|"]
     for label, s in scores.items():
@@ -246,8 +257,13 @@ def main(argv=None):
                         "with known masks) or a PASCAL VOC-style folder")
     parser.add_argument("--image_set", default=None, help="VOC: use the names in ImageSets/Segmentation/<name>.txt "
                         "(e.g. val); default: every image with a mask")
-    parser.add_argument("--image_size", type=int, default=None, help="shorter side in px; default 64 for shapes, "
-                        "480 for photos (as the official visualize_attention.py). Lower it to go faster")
+    parser.add_argument("--image_size", type=int, default=None, help="side in px of the square photos are "
+                        "squashed to (the shorter side with --preprocess keep_aspect); default 64 for shapes, 480 for "
+                        "photos (as the official visualize_attention.py). Lower it to go faster")
+    parser.add_argument("--preprocess", default="official", choices=PREPROCESS, help="photos and their masks: "
+                        "official squashes them to image_size x image_size and cuts from the top-left, as "
+                        "visualize_attention.py; keep_aspect resizes the shorter side and cuts the centre (before "
+                        "issue 24). The square shapes are the same either way")
     parser.add_argument("--num_images", type=int, default=None, help="default 200 shapes, all VOC images")
     parser.add_argument("--mass", type=float, default=0.6, help="attention mass kept by each mask (DINO: 0.6)")
     parser.add_argument("--batch_size", type=int, default=50)
@@ -274,12 +290,14 @@ def main(argv=None):
     num_images = args.num_images or (200 if shapes else None)  # None: all
     try:
         scores, n_images, n_objects, examples = evaluate(
-            models, batches(args.data, num_images, image_size, patch_size, args.batch_size, args.image_set),
+            models, batches(args.data, num_images, image_size, patch_size, args.batch_size, args.image_set,
+                            args.preprocess),
             device, args.mass, keep=args.num_figures)
     except (ValueError, OSError) as e:
         cli.fail(str(e))
     setup = {"data": f"{args.data} test" if shapes else args.data, "images": n_images, "objects": n_objects,
              "arch": args.arch, "patch_size": patch_size, "image_size": image_size, "mass": args.mass,
+             "preprocess": "square shapes" if shapes else args.preprocess,
              "weights": {label: path for label, path in parse_weights(args.weights)}}
     written = list(write_report(args.output_dir, scores, setup))
     print(open(written[0]).read())
