@@ -9,6 +9,7 @@ import struct
 import sys
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -120,6 +121,12 @@ def hostile_files(f, d):
     f["no_maps"].mkdir()
     (f["no_maps"] / "log.jsonl").write_text('{"epoch": 0, "knn_top1": 10.0}\n')
     f["under_file"] = f["notes"] / "sub"  # a path under a regular file
+    f["bomb"] = d / "huge.png"  # 4.5x Pillow's limit: Pillow raises (not an OSError)
+    f["bomb"].write_bytes(png_header(20_000, 20_000))
+    f["float_tif"] = d / "float.tif"  # 32-bit float pixels: convert("RGB") would clip them
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(f["float_tif"])
+    f["seg_dir"] = d / "seg_dir"
+    (f["seg_dir"] / "report.md").mkdir(parents=True)
 
 
 def cases(f):
@@ -155,6 +162,11 @@ def cases(f):
             (["--image", img, "--image_size", "0"], "--image_size 0: must be > 0"),
             (["--image", img, "--weights", evil, "--arch", "vit_ti16"], "refused"),
             (["--image", img, "--arch", "resnet18"], "no self-attention"),
+            (["--image", str(f["bomb"])], "Pillow's limit of 89,478,485"),
+            (["--image", str(f["float_tif"])], "32-bit float pixels"),
+            (["--image", img, "--image_size", "64", "--html", str(f["dir"])], "is a folder; give the path of a file"),
+            (["--image", img, "--image_size", "64", "--html", f"{under}/page.html"], "is a file, not a folder"),
+            (["--image", img, "--output_dir", under], "Not a directory"),
         ],
         "minivit.tools.linear": [
             (["--weights", evil, "--arch", "vit_ti16"], "refused"),
@@ -162,6 +174,7 @@ def cases(f):
             (["--epochs", "-3"], "--epochs -3: must be > 0"),
             (["--lr", "nan"], "must be a finite number"),
             (["--data", bad, "--arch", "vit_ti16"], f"{bad}/train: none of its 3 image files"),
+            (["--seed", "-1", "--data", str(f["dir"] / "nowhere")], "--seed -1: must lie in [0, 2**31)"),
         ],
         "minivit.tools.segmentation": [
             (["--weights", f"x={evil}", "--arch", "vit_ti16"], "refused"),
@@ -169,12 +182,14 @@ def cases(f):
             (["--mass", "0"], "--mass 0.0: must lie in (0, 1]"),
             (["--data", str(f["dir"] / "voc")], "no such folder"),
             (["--weights", f"x={f['dir'] / 'missing.pth'}"], "no such file"),
+            (["--output_dir", str(f["seg_dir"])], "holds a folder report.md"),
         ],
         "minivit.tools.copydetect": [
             (["--weights", f"x={notes}"], "not a readable PyTorch file"),
             (["--weights", f"x={evil}", "--arch", "vit_ti16"], "refused"),
             (["--num_originals", "0"], "--num_originals 0: must be > 0"),
             (["--image_size", "36"], "is not a multiple of patch_size"),
+            (["--seed", "-1", "--data", str(f["dir"] / "nowhere")], "--seed -1: must lie in [0, 2**31)"),
         ],
         "bench/bench.py": [
             (["--iters", "0"], "--iters 0: must be > 0"),

@@ -13,6 +13,7 @@ from PIL import Image
 
 from minivit.augment import MultiCropAugment, SupervisedAugment, random_crop_params
 from minivit.data import Photos, ShapesDataset, build_dataset, build_loader, describe, load_image, load_photo
+from minivit.tools import attention_maps
 
 
 # ---------------------------------------------------------------------------------------------- shapes
@@ -218,6 +219,8 @@ def test_high_bit_depth_is_scaled_and_bombs_and_float_pixels_are_refused_by_name
     Image.fromarray(grey).save(tmp_path / "deep.png")
     Image.fromarray((grey >> 8).astype(np.uint8)).save(tmp_path / "byte.png")
     assert torch.equal(load_image(str(tmp_path / "deep.png"), 16), load_image(str(tmp_path / "byte.png"), 16))
+    deep, byte = (attention_maps.load_image(str(tmp_path / name), 16, 8) for name in ("deep.png", "byte.png"))
+    assert torch.equal(deep, byte)  # attention maps of the picture, not of a white square
     Image.fromarray(grey.astype(np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(ValueError, match="float.tif: 32-bit float pixels"):
         load_image(str(tmp_path / "float.tif"), 16)

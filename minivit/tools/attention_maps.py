@@ -14,10 +14,11 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from minivit import checkpoint, cli, distributed
 from minivit.augment import normalize
+from minivit.data import open_image, to_rgb
 from minivit.models import load_backbone
 from minivit.tools.explorer import check_size, write_explorer
 
@@ -93,7 +94,8 @@ def save_attention_figure(image, attn, masks, path, mass=0.6):
         for j in range(heads):
             axes[1, j + 1].imshow(img * (0.25 + 0.75 * kept[j][..., None]))          # dim what is not kept
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with checkpoint.atomic_write(path) as tmp:  # train_dino.py writes these mid-run: no half-written PNG on Ctrl-C
+        fig.savefig(tmp, dpi=100)
     return path
 
 
@@ -107,17 +109,14 @@ def load_image(path, image_size, patch_size, preprocess="keep_aspect"):
     image, then img[:, :h, :w] with h, w cut down to multiples of the patch): squashed to image_size x image_size,
     then cut from the top-left; "keep_aspect": shorter side resized to image_size (bicubic), the centre cut to
     multiples of the patch. keep_aspect is this function's default (what it did before issue 24, and what the --html
-    explorer shows); the command line's PNG figures default to official. A file Pillow cannot read -> ValueError."""
+    explorer shows); the command line's PNG figures default to official. A file Pillow cannot read, one above its
+    decompression-bomb limit or with pixels of no 8-bit meaning -> ValueError naming it (data.open_image, to_rgb:
+    16-bit greyscale keeps its high byte, where convert("RGB") would clip it to white)."""
 
-    try:
-        im = Image.open(path)
-        im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path} is not an image Pillow can read ({type(e).__name__}); pass JPEG or PNG files")
     if preprocess not in PREPROCESS:
         raise ValueError(f"preprocess={preprocess!r}: use one of {', '.join(PREPROCESS)}")
-    with im:
-        im = im.convert("RGB")
+    with open_image(path) as im:
+        im = to_rgb(im, path)
         if preprocess == "official":
             im = im.resize((image_size, image_size), Image.BILINEAR)
         else:
@@ -156,6 +155,7 @@ def main(argv=None):
     cli.add_trust_pickle(parser)
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("image_size", "patch_size"), fraction=("mass",))
+    cli.check_output_file(args.html, "--html")
 
     if args.preprocess is None:
         args.preprocess = "keep_aspect" if args.html else "official"

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 from minivit import checkpoint, cli, distributed
 from minivit.augment import normalize, to_float
 from minivit.cli import parse_weights
-from minivit.data import IMAGE_EXTENSIONS, build_dataset, load_image
+from minivit.data import IMAGE_EXTENSIONS, build_dataset, load_image, open_image, to_rgb
 from minivit.models import build_backbones
 
 
@@ -246,9 +246,9 @@ def squashed(path, size):
     kept (eval_copy_detection.py's Resize((imsize, imsize), interpolation=3) of the PIL image); None if Pillow
     cannot read it."""
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-    except (OSError, SyntaxError, ValueError):  # Pillow's errors for a broken or truncated file
+        with open_image(path) as image:  # a broken, truncated or oversized file: ValueError
+            image = to_rgb(image, path).resize((size, size), Image.BICUBIC)
+    except ValueError:
         return None
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
@@ -402,11 +402,11 @@ def main(argv=None):
     cli.add_trust_pickle(parser)
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("patch_size", "image_size", "num_originals", "batch_size"),
-                   non_negative=("num_distractors", "seed"))
+                   non_negative=("num_distractors",), seed=("seed",))
 
     with cli.errors():
         device = distributed.pick_device(args.device)
-        checkpoint.make_output_dir(args.output_dir)
+        checkpoint.make_output_dir(args.output_dir, files=("report.md", "results.json"))
     image_size = args.image_size or {"shapes": 64, "shapes_plain": 64, "digits": 32}.get(args.data, 320)
     models = build_backbones(args.arch, parse_weights(args.weights), device, args.trust_pickle, img_size=image_size,
                              patch_size=args.patch_size)

@@ -157,7 +157,7 @@ def main(argv=None):
     cli.add_trust_pickle(parser)
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("patch_size", "image_size", "n_last_blocks", "epochs", "batch_size", "lr"),
-                   non_negative=("num_workers",))
+                   non_negative=("num_workers",), seed=("seed",))
 
     with cli.errors():
         args.device = distributed.pick_device(args.device)

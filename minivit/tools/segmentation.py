@@ -27,7 +27,7 @@ from PIL import Image
 from minivit import checkpoint, cli, distributed
 from minivit.augment import normalize
 from minivit.cli import parse_weights
-from minivit.data import ShapesDataset
+from minivit.data import ShapesDataset, open_image, to_rgb
 from minivit.models import build_backbones
 from minivit.tools.attention_maps import (PREPROCESS, cls_attention_maps, mass_threshold_masks, save_attention_figure,
                                           upsample)
@@ -115,7 +115,7 @@ def load_pair(image_path, mask_path, image_size, patch_size, preprocess="keep_as
 
     if preprocess not in PREPROCESS:
         raise ValueError(f"preprocess={preprocess!r}: use one of {', '.join(PREPROCESS)}")
-    with Image.open(image_path) as im, Image.open(mask_path) as m:
+    with open_image(image_path) as im, open_image(mask_path) as m:
         if im.size != m.size:
             raise ValueError(f"{mask_path} is {m.size[0]}x{m.size[1]} but {image_path} is {im.size[0]}x{im.size[1]}")
         if preprocess == "official":  # visualize_attention.py's Resize((480, 480)): squashed, bilinear
@@ -123,7 +123,7 @@ def load_pair(image_path, mask_path, image_size, patch_size, preprocess="keep_as
         else:
             scale = image_size / min(im.size)
             size, resample = (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC
-        image = np.asarray(im.convert("RGB").resize(size, resample))
+        image = np.asarray(to_rgb(im, image_path).resize(size, resample))
         mask = np.asarray(m.resize(size, Image.NEAREST))
     if mask.ndim == 3:  # RGB: one id per colour, black = background (a colour cannot say "void")
         rgb = mask[..., :3].reshape(-1, 3)
@@ -280,7 +280,7 @@ def main(argv=None):
         cli.fail(f"--data {args.data}: no such folder; give 'shapes', 'shapes_plain' or a PASCAL VOC-style folder")
     with cli.errors():
         device = distributed.pick_device(args.device)
-        checkpoint.make_output_dir(args.output_dir)
+        checkpoint.make_output_dir(args.output_dir, files=("report.md", "results.json", "segmentation.png"))
     image_size = args.image_size or (64 if shapes else 480)
     models = build_backbones(args.arch, parse_weights(args.weights), device, args.trust_pickle, img_size=image_size,
                              patch_size=args.patch_size)
