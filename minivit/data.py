@@ -447,6 +447,7 @@ class ImageFolderDataset(Dataset):
         self._check_some_decode(train if split == "train" else val)
 
     def _decode(self, path):
+        """One file as this data set yields it: the load_size square (load_image) or the whole photo (load_photo)."""
         return load_image(path, self.load_size) if self.min_pixels is None else load_photo(path, self.min_pixels)
 
     def _check_some_decode(self, folder):
