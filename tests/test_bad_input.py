@@ -125,6 +125,11 @@ def hostile_files(f, d):
     f["bomb"].write_bytes(png_header(20_000, 20_000))
     f["float_tif"] = d / "float.tif"  # 32-bit float pixels: convert("RGB") would clip them
     Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(f["float_tif"])
+    f["export_dir"] = d / "export_dir"
+    (f["export_dir"] / "config.json").mkdir(parents=True)
+    f["class_file"] = d / "class_file"  # photo_folder writes c0/ c1/ ...: a file c1 is in the way
+    f["class_file"].mkdir()
+    (f["class_file"] / "c1").write_text("")
     f["seg_dir"] = d / "seg_dir"
     (f["seg_dir"] / "report.md").mkdir(parents=True)
 
@@ -202,10 +207,13 @@ def cases(f):
             (["--weights", evil, "--arch", "vit_ti16"], "refused"),
             (["--weights", "none", "--arch", "resnet18"], "only ViTs"),
             (["--weights", "none", "--arch", "vit_ti16", "--output_dir", under], "Not a directory"),
+            (["--weights", "none", "--arch", "vit_ti16", "--output_dir", str(f["export_dir"])],
+             "holds a folder config.json"),
         ],
         "minivit.tools.photo_folder": [
             ([str(f["dir"] / "made"), "--images", "0"], "--images 0: must be > 0"),
             ([str(f["notes"]), "--images", "1"], "is a file, not a folder"),
+            ([str(f["class_file"]), "--images", "2"], "holds a file c1 where the run writes a folder"),
         ],
         "minivit.tools.dino_figure": [
             ([str(f["no_runs"])], "has no log.jsonl: not a train_dino.py run?"),

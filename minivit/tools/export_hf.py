@@ -24,7 +24,7 @@ def main(argv=None):
     if not args.arch.startswith("vit_"):
         cli.fail(f"--arch {args.arch}: only ViTs have a Hugging Face ViT layout; pick a vit_* arch")
     with cli.errors():  # a file, or a folder under a file, where the folder should go: stop before any work
-        checkpoint.make_output_dir(args.output_dir)
+        checkpoint.make_output_dir(args.output_dir, files=("config.json", "model.safetensors"))
     model = load_backbone(args.arch, args.weights, args.patch_size, trust_pickle=args.trust_pickle)
     print(f"wrote {export_hf(model, args.output_dir)}: config.json, model.safetensors")
 

@@ -94,7 +94,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cli.check_args(parser, args, positive=("images", "classes", "processes"), seed=("seed",))
     with cli.errors():  # root a file, or under one, or read-only: one line before drawing anything
-        checkpoint.make_output_dir(args.root, "root")
+        checkpoint.make_output_dir(args.root, "root", files=[f"c{c}/" for c in range(args.classes)])
     args.processes = cap_workers(args.processes)  # --processes 1000 on a laptop
     paths = make_photo_folder(args.root, args.images, args.classes, args.seed, args.processes)
     total = sum(os.path.getsize(p) for p in paths)
