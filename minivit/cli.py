@@ -33,11 +33,23 @@ def fail(message: str):
 @contextlib.contextmanager
 def errors():
     """Turn the ValueError / FileNotFoundError that minivit raises for bad input (an unknown --arch, a missing
-    folder, a checkpoint of another model, a refused pickle) into a one-line `error: ...` exit."""
+    folder, a checkpoint of another model, a refused pickle) into a one-line `error: ...` exit; and running out of
+    memory (a --batch_size or --image_size far beyond the machine) too."""
     try:
         yield
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        fail(f"out of memory ({str(e).splitlines()[0][:200]}); lower --batch_size or --image_size")
+
+
+def _out_of_memory(error) -> bool:
+    """A failed allocation: numpy's and Python's MemoryError, torch's OutOfMemoryError (CUDA) or the CPU
+    allocator's RuntimeError."""
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or any(
+        words in str(error) for words in ("can't allocate memory", "out of memory"))
 
 
 def check_output_file(path, flag: str) -> None:

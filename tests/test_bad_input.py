@@ -159,6 +159,8 @@ def cases(f):
             (["--weights", str(f["hf_bad_config"]), "--arch", "vit_ti16"],
              f"{f['hf_bad_config'] / 'config.json'} is not valid JSON"),
             (["--weights", str(f["hf_bad_tensors"]), "--arch", "vit_ti16"], "not a readable safetensors file"),
+            (["--raw_pixels", "--data", "digits", "--image_size", "100000", "--k", "1", "--num_workers", "0"],
+             "out of memory"),  # 15 TB of pixels: the allocation fails at once
         ],
         "minivit.tools.attention_maps": [
             (["--image", str(f["notes_jpg"])], "not an image Pillow can read"),

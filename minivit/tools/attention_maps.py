@@ -175,10 +175,10 @@ def main(argv=None):
         return [write_html(model, args)]
     written = []
     for path in args.image:
-        with cli.errors():
+        with cli.errors():  # an unreadable file; an --image_size beyond the memory
             image = load_image(path, args.image_size, model.patch_size, args.preprocess)  # (3, H, W) in [0, 1]
-        batch = normalize(image[None].to(device))                                # (1, 3, H, W)
-        attn = cls_attention_maps(model, batch)[0].cpu()                        # (heads, h, w)
+            batch = normalize(image[None].to(device))                            # (1, 3, H, W)
+            attn = cls_attention_maps(model, batch)[0].cpu()                    # (heads, h, w)
         masks = mass_threshold_masks(attn, args.mass)
         stem = os.path.splitext(os.path.basename(path))[0]
         out = os.path.join(args.output_dir, f"{stem}_{args.arch}_attention.png")

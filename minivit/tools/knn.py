@@ -180,8 +180,9 @@ def main(argv=None):
     model.to(device).requires_grad_(False)
     print(f"k-NN: {describe(train_set)}; {describe(test_set)}; {name}; T={args.temperature}")
     t0 = time.time()
-    results = knn_eval(model, train_set, test_set, device, ks=args.k, T=args.temperature,
-                       image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers)
+    with cli.errors():  # out of memory: one line
+        results = knn_eval(model, train_set, test_set, device, ks=args.k, T=args.temperature,
+                           image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers)
     if len(results) < len(args.k):  # unreadable files were skipped: fewer training features than images
         print(f"note: k = {', '.join(str(k) for k in args.k if k not in results)} skipped: more than the "
               "training images that decoded")
