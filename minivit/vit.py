@@ -10,8 +10,8 @@ to D dimensions; a learned [class] token is prepended and a learned position emb
 
 y is the image feature (what DINO's k-NN and linear probes read); an optional linear `head` maps it to logits.
 Parameter names and shapes are exactly those of the official DINO / timm code, so their checkpoints load strictly.
-Hand-written Triton kernels (minivit/kernels/) run the patch projection, the fused attention, LayerNorm with the residual
-add before it, and fc1's bias with GELU.
+Hand-written Triton kernels (minivit/kernels/) run the patch projection, the fused attention, LayerNorm with the
+residual add before it, and fc1's bias with GELU.
 """
 import math
 from dataclasses import dataclass
@@ -140,7 +140,8 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     """Two-layer MLP with exact (erf) GELU (ViT eq. 3): fc2(GELU(fc1(x))), hidden = mlp_ratio * D. fc1's bias and
-    GELU run as one kernel (minivit/kernels/bias_gelu.py) whose backward recomputes GELU instead of keeping its output."""
+    GELU run as one kernel (minivit/kernels/bias_gelu.py) whose backward recomputes GELU instead of keeping its
+    output."""
 
     def __init__(self, dim, hidden_dim):
         super().__init__()

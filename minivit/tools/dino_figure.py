@@ -7,7 +7,6 @@ the first run.
 """
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from PIL import Image
 
