@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minivit import cli
 from minivit.distributed import get_rank
 
 try:
@@ -307,6 +308,13 @@ class RunOnDisk:
         resume_flag = ["--resume"] if resume and "--resume" not in self.argv else []
         return shlex.join([*launcher, self.script, *self.argv, *resume_flag])
 
+    def out_of_memory_message(self, error) -> str:
+        """The one line for a run that ran out of memory: the allocator's words, the fix, what resume starts from."""
+        saved = (f"{self.path} holds epoch {self.epoch}; resume with: {self.command(resume=True)}"
+                 if self.epoch is not None else "no checkpoint was saved yet")
+        words = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        return f"error: out of memory ({words}); lower --batch_size (or the image or crop sizes) and run again; {saved}"
+
     def message(self, signum) -> str:
         name = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, signal.Signals(signum).name)
         if self.epoch is None:
@@ -357,6 +365,10 @@ def stop_cleanly(script, argv=None):
         if get_rank() == 0:
             print(run.message(signum), file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
+    except (MemoryError, RuntimeError) as e:  # a batch or image size beyond the machine, found mid-run
+        if not cli.out_of_memory(e):
+            raise
+        raise SystemExit(run.out_of_memory_message(e)) from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -40,12 +40,13 @@ def errors():
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
-        fail(f"out of memory ({str(e).splitlines()[0][:200]}); lower --batch_size or --image_size")
+        words = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        fail(f"out of memory ({words}); lower --batch_size or --image_size")
 
 
-def _out_of_memory(error) -> bool:
+def out_of_memory(error) -> bool:
     """A failed allocation: numpy's and Python's MemoryError, torch's OutOfMemoryError (CUDA) or the CPU
     allocator's RuntimeError."""
     return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError" or any(

@@ -79,3 +79,25 @@ def test_a_stop_before_the_first_checkpoint_says_there_is_nothing_to_resume():
     run.saved("runs/dino/checkpoint.pth", 3)
     assert run.message(signal.SIGINT).endswith("holds epoch 3 (saved whole), continue from there with: python "
                                                "train_dino.py --arch vit_s8 --resume")
+
+
+def test_out_of_memory_mid_run_is_one_line_naming_what_resume_starts_from(tmp_path):
+    """An allocation that fails inside the training loop (a batch or image size beyond the machine) ends the run in one
+    line with the fix and the saved epoch, not a traceback from deep inside autograd; other errors still propagate."""
+    from minivit import checkpoint
+
+    too_big = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 68719476736 bytes.\nmore lines")
+    with pytest.raises(SystemExit) as stop:
+        with checkpoint.stop_cleanly("train_vit.py", ["--batch_size", "4096"]):
+            raise too_big
+    assert str(stop.value).startswith("error: out of memory (") and "\n" not in str(stop.value)
+    assert "lower --batch_size" in str(stop.value) and "no checkpoint was saved yet" in str(stop.value)
+    with pytest.raises(SystemExit) as stop:
+        with checkpoint.stop_cleanly("train_vit.py", ["--batch_size", "4096"]) as run:
+            run.saved(tmp_path / "checkpoint.pt", 3)
+            raise MemoryError()
+    assert "holds epoch 3" in str(stop.value) and "train_vit.py --batch_size 4096 --resume" in str(stop.value)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not an allocation: a real bug keeps its traceback
+        with checkpoint.stop_cleanly("train_vit.py", []):
+            raise RuntimeError("shape mismatch")
