@@ -14,15 +14,11 @@ import argparse
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from minivit import checkpoint, cli, distributed, training
-from minivit.augment import EvalTransform, SupervisedAugment
-from minivit.data import build_dataset, build_loader, describe
-from minivit.models import arch_family, build_model, load_pretrained
-from minivit.supervised import check_flags, evaluate, resume, subset, train_one_epoch, write_results
+from minivit import checkpoint, cli, distributed, supervised, training
+from minivit.models import build_model, load_pretrained
+from minivit.supervised import check_flags
 
-OUTPUTS = ("checkpoint.pt", "log.jsonl", "curves.png", "results.json")  # what --output_dir gets
 KIND = "vit"  # the checkpoint's kind: the other script refuses to resume it
 # the recipe for ImageNet folders: DeiT (Touvron et al. 2021) without RandAugment and random erasing
 IMAGENET = dict(arch="vit_s16", image_size=224, crop_scale=0.08, hflip=True, epochs=300,
@@ -120,42 +116,6 @@ def parse_args(argv=None):
     return args
 
 
-def setup(args):
-    """Process, device, precision, the output folder (checked and locked) and the augmentations' generator ->
-    (info, precision, out, generator)."""
-    with cli.errors():  # bad flags, folders and files end here with a one-line error
-        if arch_family(args.arch) != KIND:  # an unknown name gets the list of valid ones
-            raise ValueError(f"--arch {args.arch} is not a {KIND}; train it with train_{arch_family(args.arch)}.py")
-        training.keep_freed_memory()  # the CPU's eager tensor ops: no fresh pages per op (training.py)
-        info = distributed.setup_distributed(args.device)
-        precision = training.resolve_precision(args.precision, info.device)
-        out = checkpoint.make_output_dir(args.output_dir, files=OUTPUTS)
-        checkpoint.lock_output_dir(out)  # a second run on the same folder stops here
-        seed = distributed.seed_everything(args.seed, info.rank)
-        generator = torch.Generator().manual_seed(seed)  # the augmentations' random choices, saved in every checkpoint
-    distributed.print0(f"{info.world_size} process(es) on {info.device}, precision {precision}")
-    return info, precision, out, generator
-
-
-def build_data(args, info):
-    """The training and test loaders, built once -> (augment, train_set, train_loader, test_loader, eval_transform,
-    steps per epoch)."""
-    augment = SupervisedAugment(args.image_size, scale=(args.crop_scale, 1.0), hflip=args.hflip)
-    # image folders: training crops from the whole photo (decoded no smaller than the smallest crop needs)
-    train_set = subset(build_dataset(args.data, "train", args.load_size, augment.min_pixels), args.train_fraction,
-                       args.seed)
-    test_set = build_dataset(args.data, "test", args.load_size)
-    distributed.print0(f"train {describe(train_set)}\ntest  {describe(test_set)}")
-    train_loader = build_loader(train_set, args.batch_size, shuffle=True, drop_last=True,
-                                num_workers=args.num_workers, seed=args.seed, distributed=info.distributed)
-    test_loader = build_loader(test_set, args.batch_size, shuffle=False, drop_last=False,
-                               num_workers=args.num_workers, distributed=info.distributed)
-    steps = min(len(train_loader), args.max_steps_per_epoch or len(train_loader))
-    # the test view: the centre image_size square of the load_size image (224 of 256 for ImageNet)
-    eval_transform = EvalTransform(args.image_size, resize=max(train_set.load_size, args.image_size))
-    return augment, train_set, train_loader, test_loader, eval_transform, steps
-
-
 def build_model_and_optimizer(args, info, train_set, steps):
     """The model (on the device; --pretrained loaded), the optimizer and the per-step schedules -> (raw_model,
     memory_format, optimizer, lr_schedule, wd_schedule)."""
@@ -178,68 +138,9 @@ def build_model_and_optimizer(args, info, train_set, steps):
     return raw_model, memory_format, optimizer, lr_schedule, wd_schedule
 
 
-def train(args, run):
-    """The run: setup, data, model, optional resume, the epoch loop, the final report; `run`
-    (checkpoint.stop_cleanly) is told of every checkpoint saved, for the line Ctrl-C or SIGTERM prints."""
-    info, precision, out, generator = setup(args)
-    with cli.errors():  # a missing folder, a batch larger than the data set, weights of another model, ...
-        augment, train_set, train_loader, test_loader, eval_transform, steps = build_data(args, info)
-        raw_model, memory_format, optimizer, lr_schedule, wd_schedule = build_model_and_optimizer(args, info, train_set,
-                                                                                                   steps)
-    scaler = training.make_grad_scaler(info.device, precision)
-    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    start_epoch = 0
-    if args.resume:
-        start_epoch = resume(ckpt_path, KIND, args, RESUME_MUST_MATCH, raw_model, optimizer, scaler, generator)
-        run.saved(ckpt_path, start_epoch)
-        training.trim_log(log_path, start_epoch)  # a run killed after logging an epoch but before saving it
-    elif info.is_main and log_path.exists():
-        log_path.unlink()  # a fresh run starts a fresh log
-    model = DistributedDataParallel(raw_model) if info.distributed else raw_model
-
-    # ------------------------------------------------------------------------------------------------ training loop
-    logger = training.JsonlLogger(log_path)
-    progress = training.Progress(args.epochs, steps, args.log_every, start_epoch)
-    end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after else args.epochs
-    test = None
-    for epoch in range(start_epoch, end_epoch):
-        train_loader.set_epoch(epoch)  # the data order depends on (seed, epoch) only: a resumed run sees the same
-        train = train_one_epoch(model, train_loader, optimizer, scaler, augment, generator, lr_schedule, wd_schedule,
-                                epoch, steps, device=info.device, precision=precision,
-                                num_classes=train_set.num_classes, label_smoothing=args.label_smoothing,
-                                mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, clip_grad=args.clip_grad,
-                                progress=progress, checkpoint_path=ckpt_path, memory_format=memory_format)
-        record = {"epoch": epoch + 1, "train_loss": train["loss"], "lr": optimizer.param_groups[0]["lr"],
-                  "train_images": train["images"], "train_seconds": train["seconds"]}
-        if epoch + 1 == args.epochs or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
-            test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
-            record.update(test_loss=test["loss"], test_top1=test["top1"], test_top5=test["top5"])
-            distributed.print0(f"epoch {epoch + 1}/{args.epochs}: train loss {train['loss']:.4f} | test loss "
-                               f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
-                               f"{train['images_per_s']:.0f} img/s")
-        logger.log(record)
-        run.save(ckpt_path, {"kind": KIND, "model": raw_model.state_dict(), "epoch": epoch + 1,
-                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                             "args": vars(args), "rng": checkpoint.rng_state({"augment": generator})})
-    if end_epoch < args.epochs:
-        distributed.print0(f"stopped after epoch {end_epoch} of {args.epochs} (--stop_after); continue with --resume")
-        distributed.cleanup_distributed()
-        return
-
-    # ------------------------------------------------------------------------------------------------- final report
-    if test is None:  # a finished run resumed: nothing was trained, report its test accuracy all the same
-        test = evaluate(raw_model, test_loader, eval_transform, info.device, precision, memory_format)
-    if info.is_main:
-        training.plot_curves(log_path, out / "curves.png", ["train_loss", "test_loss", "test_top1", "lr"])
-        write_results(out / "results.json", args, test, raw_model, train_set, log_path, info, precision)
-    distributed.print0(f"test top-1 {test['top1']:.1f}% top-5 {test['top5']:.1f}%")
-    distributed.cleanup_distributed()
-
-
-
 def main(argv=None):
     with checkpoint.stop_cleanly(__file__, argv) as run:  # Ctrl-C, SIGTERM: one line, the saved epoch, the command
-        train(parse_args(argv), run)
+        supervised.fit(parse_args(argv), run, KIND, RESUME_MUST_MATCH, build_model_and_optimizer)
 
 
 if __name__ == "__main__":
