@@ -48,23 +48,7 @@ def get_args_parser():
     g.add_argument("--pretrained", default=None, help="start from these weights (torchvision, timm or official DINO "
                    "files, or our own checkpoints) via models.load_pretrained; the fc starts fresh if the file has "
                    "none")
-    g = parser.add_argument_group("data")
-    g.add_argument("--data", default=None, help="an ImageNet-style or CIFAR folder; default: digits (offline)")
-    g.add_argument("--image_size", type=int, default=None, help="training/test resolution; default 224, 16 offline. "
-                   "Must be a multiple of the patch size")
-    g.add_argument("--load_size", type=int, default=None, help="side of the square images decoded from disk (CIFAR, "
-                   "digits: crops are taken inside it; image folders: the test view's Resize + centre square, "
-                   "training crops come from the whole photo); default 256 for image folders, 32 for CIFAR, 16 "
-                   "offline")
-    g.add_argument("--crop_scale", type=float, default=None, help="smallest area fraction of RandomResizedCrop; "
-                   "default 0.08 (Inception/DeiT), 0.8 offline. Raise it for small images where a tiny crop is "
-                   "unrecognisable")
-    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips; on "
-                   "for photos, off offline (a mirrored digit is another symbol)")
-    g.add_argument("--train_fraction", type=float, default=1.0, help="train on this class-balanced fraction of the "
-                   "training set (same images every run); lower it to see how ViTs fare with less data than CNNs")
-    g.add_argument("--num_workers", type=int, default=None, help="data loading processes; default 8, 0 offline. Raise "
-                   "it if the GPU waits for JPEG decoding (img/s below what --data digits gives)")
+    supervised.add_data_args(parser)
     g = parser.add_argument_group("optimisation (classic recipe: SGD, momentum, weight decay, warm-up + cosine)")
     g.add_argument("--epochs", type=int, default=None, help="default 90 (torchvision), 10 offline")
     g.add_argument("--batch_size", type=int, default=None, help="images per process per step; default 64. Lower it if "
@@ -87,23 +71,7 @@ def get_args_parser():
                    "(with --mixup, each batch uses one of the two)")
     g.add_argument("--clip_grad", type=float, default=0.0, help="clip the global gradient norm to this (0 = off); try "
                    "1.0 if the loss spikes or turns NaN")
-    g = parser.add_argument_group("system")
-    g.add_argument("--output_dir", default=f"runs/{KIND}", help="where checkpoint.pt, log.jsonl, curves.png and "
-                   "results.json go")
-    g.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt exactly where it "
-                   "stopped (weights, optimizer, epoch, random streams, data order); pass the same flags")
-    g.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cpu or mps")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype; "
-                   "auto = bf16 on GPUs that have it, fp32 elsewhere. fp16 (with loss scaling) only for GPUs without "
-                   "bf16")
-    g.add_argument("--seed", type=int, default=0, help="seeds the weights, data order and augmentations")
-    g.add_argument("--log_every", type=int, default=20, help="print a progress line every this many steps")
-    g.add_argument("--eval_every", type=int, default=1, help="evaluate every this many epochs and after the last (0: "
-                   "only after the last); raise it when the test set is slow to run")
-    g.add_argument("--max_steps_per_epoch", type=int, default=None, help="debug: cut each epoch to this many steps")
-    g.add_argument("--stop_after", type=int, default=None, help="stop after this many epochs of this job, keeping the "
-                   "schedule of --epochs; for clusters with a time limit: run again with --resume")
-    cli.add_trust_pickle(parser)
+    supervised.add_system_args(parser, KIND)
     return parser
 
 
