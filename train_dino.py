@@ -82,6 +82,7 @@ OFFLINE_GPU = dict(shapes="plain", color_jitter=(0.4, 0.4, 0.4, 0.5), color_jitt
                    warmup_teacher_temp=0.02, teacher_temp=0.04, warmup_teacher_temp_epochs=10, freeze_last_layer=0,
                    koleo_weight=0.1, eval_every=10, num_workers=4, baselines=True, knn_images=(5000, 1000))
 PRESETS = {"cpu": OFFLINE_CPU, "gpu": OFFLINE_GPU}
+OFFLINE_DATA = {"plain": "shapes_plain", "clutter": "shapes", "textured": "shapes_textured"}  # --shapes -> build_dataset
 # With --data: the official README's two ViT-S/16 runs on ImageNet (8 GPUs x 64 images). vanilla = the argparse
 # defaults: 100 epochs, 69.3% k-NN / ~73.8% linear in 1.75 days; boosted = its "boosting DINO performance"
 # command: 300 epochs, teacher temperature 0.04 -> 0.07 over 30 epochs, no last-layer norm, 73.3% / ~76.1% in
@@ -159,7 +160,7 @@ def get_args_parser():
     g.add_argument("--eval_every", type=int, default=10, help="k-NN and attention maps every N epochs (0: at the end)")
     g.add_argument("--num_workers", type=int, default=10, help="data loading processes (they only decode)")
     g = p.add_argument_group("the offline demo (no --data): what the presets set beside the flags above")
-    g.add_argument("--shapes", choices=("plain", "clutter"), default="plain", help="the offline data's backgrounds")
+    g.add_argument("--shapes", choices=tuple(OFFLINE_DATA), default="plain", help="the offline data (data.py)")
     g.add_argument("--knn_images", type=int, nargs=2, default=(0, 0), metavar=("TRAIN", "TEST"),
                    help="offline k-NN on the first TRAIN/TEST images (0: all)")
     g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
@@ -224,14 +225,14 @@ def build_data(args, augment, info):
     smaller than the smallest crop needs; offline: the shapes, drawn once and kept in memory), the k-NN sets
     (train, test) or None, and the fixed images (+ object masks on the shapes) of the attention maps (ViT only)."""
     offline = args.data is None
-    shapes = "shapes" if args.shapes == "clutter" else "shapes_plain"
+    shapes = OFFLINE_DATA[args.shapes]
     train_set = build_dataset(args.data or shapes, "train", min_pixels=augment.min_pixels, cache=offline)
     if args.knn_data == "none":
         knn_sets = None
     elif args.knn_data is not None:
         knn_sets = tuple(build_dataset(args.knn_data, split) for split in ("train", "test"))
     elif offline:
-        knn_sets = tuple(ShapesDataset(split, 64, num_images=n, clutter=args.shapes == "clutter", cache=True)
+        knn_sets = tuple(build_dataset(shapes, split, cache=True, num_images=n)
                          for split, n in zip(("train", "test"), args.knn_images))
     else:
         try:
@@ -350,17 +351,24 @@ def attention_figures(backbone, images, gt_masks, folder, epoch):
 
 
 def evaluate_baselines(teacher, knn_sets, attention, args, info, out, logger):
-    """Before training: the k-NN of the random-init teacher and of raw pixels (--baselines; logged as epoch 0) and the
-    attention maps at init -> {"random_init": %, "raw_pixels": %} or {}."""
+    """Before training (logged as epoch 0): with --baselines, the k-NN of the random-init teacher and of raw pixels;
+    for a ViT, the attention maps at init and (shapes) their Jaccard -> {"random_init": %, "raw_pixels": %,
+    "random_init_jaccard": %}, the keys that were measured."""
     baselines = {}
     if args.baselines and knn_sets:
         baselines = dict(random_init=knn_top1(teacher.backbone, knn_sets, args, info.device),
                          raw_pixels=knn_top1(nn.Flatten(), knn_sets, args, info.device))
-        logger.log(epoch=0, knn_top1=baselines["random_init"], knn_raw_pixels=baselines["raw_pixels"])
         distributed.print0(f"k-NN baselines (k=20): random-init {args.arch} {baselines['random_init']:.1f}%, "
                            f"raw pixels {baselines['raw_pixels']:.1f}%")
     if attention and info.is_main:  # the maps before training, to compare with the end
-        attention_figures(teacher.backbone, *attention, out / "attention", 0)
+        jaccard_index = attention_figures(teacher.backbone, *attention, out / "attention", 0)
+        if jaccard_index is not None:
+            baselines["random_init_jaccard"] = jaccard_index
+            distributed.print0(f"attention baseline: random-init {args.arch} Jaccard {jaccard_index:.1f} (best head)")
+    record = dict(knn_top1=baselines.get("random_init"), knn_raw_pixels=baselines.get("raw_pixels"),
+                  attn_jaccard=baselines.get("random_init_jaccard"))
+    if any(v is not None for v in record.values()):
+        logger.log(epoch=0, **{k: v for k, v in record.items() if v is not None})
     teacher.train()
     return baselines
 
@@ -465,7 +473,7 @@ def train_dino(args, run=None):
     if top1 is not None:
         distributed.print0(f"k-NN top-1 (k=20, T=0.07) on {describe(knn_sets[1])}: DINO teacher {top1:.1f}%" + (
             f" | random-init {args.arch} {baselines['random_init']:.1f}% | raw pixels {baselines['raw_pixels']:.1f}%"
-            if baselines else ""))
+            if "random_init" in baselines else ""))
 
 
 def train_one_epoch(student, teacher, student_ddp, dino_loss, loader, optimizer, scaler, augment, schedules, epoch,

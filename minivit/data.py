@@ -10,7 +10,8 @@ resized once to an S x S square (load_image: Resize(S) + the centre square).
 
 Sources, chosen by `build_dataset(data, split, load_size, min_pixels, cache)`:
   None / "shapes"  procedural shapes on clutter with ground-truth object masks, 64 px
-  "shapes_plain"   the same shapes, larger, on a flat colour (the offline DINO default), 64 px
+  "shapes_plain"   the same shapes, larger, on a flat colour, 64 px
+  "shapes_textured" the plain shapes, each filled with a random texture in two colours (the offline DINO default)
   "digits"         scikit-learn's bundled 8x8 handwritten digits (1797 real images), upscaled to 32 px
   a folder         ImageNet-style root/<class>/<image>.jpg, or root/train/... and root/val/...; 256 px
   a CIFAR folder   the "python version" of CIFAR-10/100 (data_batch_1..5 + test_batch, or train + test), 32 px
@@ -97,11 +98,14 @@ class ShapesDataset(Dataset):
     """
     SIZES = {"train": 5000, "test": 1000}
 
-    def __init__(self, split="train", load_size=64, seed=0, num_images=None, clutter=True, cache=False):
+    def __init__(self, split="train", load_size=64, seed=0, num_images=None, clutter=True, cache=False,
+                 texture=False):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: use 'train' or 'test'")
-        self.split, self.load_size, self.seed, self.clutter = split, load_size, seed, clutter
-        self.source = "shapes" if clutter else "shapes_plain"
+        if clutter and texture:
+            raise ValueError("texture=True fills the objects of the plain look: pass clutter=False")
+        self.split, self.load_size, self.seed, self.clutter, self.texture = split, load_size, seed, clutter, texture
+        self.source = "shapes" if clutter else "shapes_textured" if texture else "shapes_plain"
         self.classes = list(SHAPES)
         self.num_classes = len(self.classes)
         self.num_images = num_images or self.SIZES[split]
@@ -157,7 +161,11 @@ class ShapesDataset(Dataset):
         # visible; no colour belongs to a class.
         candidates = rng.uniform(0, 255, (8, 3))
         under = pixels[mask].mean(0) if mask.any() else pixels.mean((0, 1))
-        pixels[mask] = candidates[np.argmax(((candidates - under) ** 2).sum(1))]
+        pixels[mask] = colour = candidates[np.argmax(((candidates - under) ** 2).sum(1))]
+        if self.texture:  # a second colour far from both the first and the background, on the texture's pixels
+            candidates = rng.uniform(0, 255, (8, 3))
+            distance = np.minimum(((candidates - colour) ** 2).sum(1), ((candidates - under) ** 2).sum(1))
+            pixels[mask & _texture(rng, S)] = candidates[np.argmax(distance)]
         pixels += (rng.random(pixels.shape, dtype=np.float32) - 0.5) * 28  # uniform pixel noise, std 8
         image = torch.from_numpy(pixels.round().clip(0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
         return image, label, torch.from_numpy(mask)
@@ -177,6 +185,37 @@ class ShapesDataset(Dataset):
     def mask(self, i):
         """Ground-truth foreground of image i: bool tensor (S, S), True on the object."""
         return self._cached(i)[1] if self.cache else self.render(i)[2]
+
+
+def _triangle_wave(t):
+    """1 at the integers, 0 half-way between them: |t - round(t)| * 2 -> [0, 1]."""
+    return 2 * np.abs(t - np.round(t))
+
+
+# Ten textures, the fills of shapes_textured: (x, y) in periods (rotated, shifted by a random phase) -> bool, True
+# on the pixels of the first of two colours.
+TEXTURES = {
+    "stripes": lambda x, y: np.sin(2 * np.pi * x) > 0,
+    "checker": lambda x, y: np.sin(2 * np.pi * x) * np.sin(2 * np.pi * y) > 0,
+    "dots": lambda x, y: (x - np.round(x)) ** 2 + (y - np.round(y)) ** 2 < 0.09,
+    "grid": lambda x, y: np.minimum(np.abs(x - np.round(x)), np.abs(y - np.round(y))) < 0.13,
+    "zigzag": lambda x, y: np.sin(2 * np.pi * (x + 0.6 * _triangle_wave(y / 2))) > 0,
+    "waves": lambda x, y: np.sin(2 * np.pi * (x + 0.35 * np.sin(np.pi * y))) > 0,
+    "rings": lambda x, y: np.sin(2 * np.pi * np.hypot(x, y)) > 0,
+    "hexdots": lambda x, y: np.cos(2 * np.pi * x) + 2 * np.cos(np.pi * x) * np.cos(np.sqrt(3) * np.pi * y) > 1.0,
+    "bricks": lambda x, y: (np.abs(y - np.round(y)) < 0.12)
+    | (np.abs(x + 0.5 * (np.floor(y) % 2) - np.round(x + 0.5 * (np.floor(y) % 2))) < 0.1),
+    "diamonds": lambda x, y: _triangle_wave(x) + _triangle_wave(y) < 0.8,
+}
+
+
+def _texture(rng, S):
+    """One of TEXTURES at a random angle, phase and period (0.16-0.26 of the side) -> bool (S, S)."""
+    period, angle = rng.uniform(0.16, 0.26) * S, rng.uniform(0, 2 * np.pi)
+    y, x = np.mgrid[0:S, 0:S] + 0.5
+    u = (np.cos(angle) * x + np.sin(angle) * y) / period + rng.uniform(0, 1)
+    v = (np.cos(angle) * y - np.sin(angle) * x) / period + rng.uniform(0, 1)
+    return list(TEXTURES.values())[rng.integers(len(TEXTURES))](u, v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,7 +532,7 @@ class ImageFolderDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 # Entry points for the scripts
 
-def build_dataset(data, split, load_size=None, min_pixels=None, cache=False):
+def build_dataset(data, split, load_size=None, min_pixels=None, cache=False, num_images=None):
     """data: None or "shapes", "shapes_plain", "digits", an ImageNet-style folder or a CIFAR python folder; split:
     "train" or "test"; load_size: the side S of the returned square images (default: 64 shapes, 32 digits and
     CIFAR, 256 folders); cache: draw the shapes once and keep them in memory (other sources ignore it).
@@ -503,7 +542,10 @@ def build_dataset(data, split, load_size=None, min_pixels=None, cache=False):
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use 'train' or 'test'")
     if data in (None, "shapes", "shapes_plain"):
-        return ShapesDataset(split, load_size or 64, clutter=data != "shapes_plain", cache=cache)
+        return ShapesDataset(split, load_size or 64, clutter=data != "shapes_plain", num_images=num_images,
+                             cache=cache)
+    if data == "shapes_textured":
+        return ShapesDataset(split, load_size or 64, clutter=False, num_images=num_images, cache=cache, texture=True)
     if data == "digits":
         return digits_dataset(split, load_size or 32)
     if not os.path.isdir(data):

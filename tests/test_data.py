@@ -49,7 +49,7 @@ def test_shapes_masks_are_the_object():
         assert (inside.mean(1) - outside.mean(1)).norm() > 60
 
 
-@pytest.mark.parametrize("data", ["shapes", "shapes_plain"])
+@pytest.mark.parametrize("data", ["shapes", "shapes_plain", "shapes_textured"])
 def test_the_in_memory_shapes_cache_gives_the_rendered_images(data):
     cached, drawn = build_dataset(data, "test", cache=True), build_dataset(data, "test")
     assert cached.source == drawn.source == data and cached.targets == drawn.targets
@@ -74,6 +74,25 @@ def test_plain_shapes_are_larger_objects_on_one_colour():
         image, _, mask = ds.render(i)
         assert 0.1 < mask.float().mean() < 0.65
         assert image.float()[:, ~mask].std(1).max() < 10  # the background: one colour plus the pixel noise
+
+
+def test_textured_shapes_are_the_plain_objects_filled_with_two_colours():
+    """shapes_textured draws the plain set's objects (same masks and background) filled with a random texture: two
+    clearly different colours inside, both far from the background, in 10 different textures."""
+    textured, plain = build_dataset("shapes_textured", "train"), build_dataset("shapes_plain", "train")
+    assert textured.source == "shapes_textured" and textured.classes == plain.classes
+    for i in range(20):
+        image, label, mask = textured.render(i)
+        assert torch.equal(mask, plain.mask(i)) and label == plain[i][1]
+        background = image.float()[:, ~mask].mean(1)  # the same flat colour (the pixel noise is drawn after)
+        assert (background - plain[i][0].float()[:, ~mask].mean(1)).abs().max() < 2
+        pixels = image.float()[:, mask].T                            # (n, 3) inside the object
+        first = pixels[(pixels - pixels[0]).norm(dim=1) < 40]        # the colour of one pixel, noise aside
+        second = pixels[(pixels - pixels[0]).norm(dim=1) >= 40]
+        assert min(len(first), len(second)) > 0.05 * len(pixels)    # two colours, each a real part of the object
+        assert (first.mean(0) - background).norm() > 60 and (second.mean(0) - background).norm() > 40
+    with pytest.raises(ValueError, match="clutter=False"):
+        ShapesDataset("train", clutter=True, texture=True)
 
 
 def test_shapes_render_at_any_load_size_with_aligned_masks():

@@ -59,6 +59,12 @@ def test_vit_smoke_run_writes_the_official_layout(vit_run):
     assert (out / "curves.png").stat().st_size > 0 and len(list((out / "attention").glob("*.png"))) == 4
     assert sorted(p.name for p in (out / "attention").glob("*.pt")) == ["ep0000.pt", "ep0001.pt"]  # before, after
     assert "random-init vit_ti16" in stdout and "raw pixels" in stdout and "the CPU preset" in stdout
+    # epoch 0, one record: the random-init teacher's k-NN and Jaccard beside raw pixels' k-NN
+    start = [json.loads(line) for line in open(out / "log.jsonl")][0]
+    assert start["epoch"] == 0 and {"knn_top1", "knn_raw_pixels", "attn_jaccard"} <= set(start)
+    assert 0 < start["attn_jaccard"] <= 100 and f"random-init vit_ti16 Jaccard {start['attn_jaccard']:.1f}" in stdout
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["knn_baselines"]["random_init_jaccard"] == \
+        start["attn_jaccard"]
     assert any(line.startswith("ep 1/1 it 1/2") and " koleo " in line for line in stdout.splitlines())
 
 

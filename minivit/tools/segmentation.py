@@ -27,12 +27,13 @@ from PIL import Image
 from minivit import checkpoint, cli, distributed
 from minivit.augment import normalize
 from minivit.cli import parse_weights
-from minivit.data import ShapesDataset, open_image, to_rgb
+from minivit.data import build_dataset, open_image, to_rgb
 from minivit.models import build_backbones
 from minivit.tools.attention_maps import (PREPROCESS, cls_attention_maps, mass_threshold_masks, save_attention_figure,
                                           upsample)
 
 VOID = 255  # PASCAL VOC's label for object borders and unlabelled pixels
+SHAPE_SETS = ("shapes", "shapes_plain", "shapes_textured")  # the offline sets that know their objects' pixels
 
 
 # ---------------------------------------------------------------------------------------------------- the metrics
@@ -141,10 +142,10 @@ def batches(data, num_images, image_size, patch_size, batch_size, image_set=None
     VOC images one at a time (their sizes vary), prepared by load_pair(..., preprocess). The shapes are drawn
     square at image_size, a multiple of the patch: both preprocessings would leave them as they are."""
 
-    if data in ("shapes", "shapes_plain"):
+    if data in SHAPE_SETS:
         if image_size % patch_size:
             raise ValueError(f"--image_size {image_size} is not a multiple of the patch size {patch_size}")
-        dataset = ShapesDataset("test", load_size=image_size, clutter=data == "shapes")
+        dataset = build_dataset(data, "test", load_size=image_size)
         n = min(num_images or len(dataset), len(dataset))
         for start in range(0, n, batch_size):
             rendered = [dataset.render(i) for i in range(start, min(start + batch_size, n))]
@@ -152,7 +153,7 @@ def batches(data, num_images, image_size, patch_size, batch_size, image_set=None
                    torch.stack([r[2] for r in rendered]).long())                 # mask True -> object id 1
         return
     if not os.path.isdir(data):
-        raise ValueError(f"--data {data!r}: use 'shapes', 'shapes_plain' or a PASCAL VOC-style folder (JPEGImages/ + "
+        raise ValueError(f"--data {data!r}: use {', '.join(SHAPE_SETS)} or a PASCAL VOC-style folder (JPEGImages/ + "
                          f"SegmentationObject/ or SegmentationClass/)")
     for image_path, mask_path in voc_pairs(data, image_set)[:num_images]:
         image, labels = load_pair(image_path, mask_path, image_size, patch_size, preprocess)
@@ -253,7 +254,7 @@ def main(argv=None):
                         "side-by-side table, e.g. dino=runs/dino/teacher_backbone.pth supervised=... random=none")
     parser.add_argument("--patch_size", type=int, default=None, help="override the arch's patch (as the model "
                         "was trained with, e.g. 4 for train_vit.py's offline ViT)")
-    parser.add_argument("--data", default="shapes", help="'shapes' or 'shapes_plain' (offline, 1000 test images "
+    parser.add_argument("--data", default="shapes", help=f"{', '.join(SHAPE_SETS)} (offline, 1000 test images "
                         "with known masks) or a PASCAL VOC-style folder")
     parser.add_argument("--image_set", default=None, help="VOC: use the names in ImageSets/Segmentation/<name>.txt "
                         "(e.g. val); default: every image with a mask")
@@ -275,9 +276,9 @@ def main(argv=None):
     cli.check_args(parser, args, positive=("patch_size", "image_size", "num_images", "batch_size"),
                    non_negative=("num_figures",), fraction=("mass",))
 
-    shapes = args.data in ("shapes", "shapes_plain")
+    shapes = args.data in SHAPE_SETS
     if not shapes and not os.path.isdir(args.data):
-        cli.fail(f"--data {args.data}: no such folder; give 'shapes', 'shapes_plain' or a PASCAL VOC-style folder")
+        cli.fail(f"--data {args.data}: no such folder; give {', '.join(SHAPE_SETS)} or a PASCAL VOC-style folder")
     with cli.errors():
         device = distributed.pick_device(args.device)
         checkpoint.make_output_dir(args.output_dir, files=("report.md", "results.json", "segmentation.png"))
