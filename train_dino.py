@@ -59,30 +59,32 @@ from minivit.tools.knn import knn_eval
 from minivit.tools.segmentation import jaccard
 
 # Offline presets (no --data): ImageNet's 224/96 px crops, 65536 prototypes and 100 epochs fit neither ~10 minutes
-# of a 2-core CPU nor ~5 of one GPU. Both train on the plain shapes (minivit/data.py: large objects on a flat
-# colour, drawn once and kept in memory), so that what two views of an image share is the object; an "epoch" is
-# iters_per_epoch steps. So short a run needs a higher lr, a faster teacher (momentum 0.99), fewer prototypes and
-# sharper targets than the official defaults to move at all. The CPU preset keeps the teacher temperature at 0.015
-# (warmed up to 0.04 its targets went uniform by epoch 3) and adds DINOv2's KoLeo term (weight 0.3): without it
-# every setting tried lost k-NN against its random init within 40 steps, the features bunching up before they
-# learnt the shapes; with it the teacher ends 3-6 points above (README, Results; docs/dino_offline_trials.md).
-# fp32 on every CPU: the preset was tuned in fp32; auto would take bf16 on a CPU with AMX, where the same run
-# ended +2.6 points above random init instead of +4.4 (Intel Xeon, issue 21): one preset, one kind of result.
-OFFLINE_CPU = dict(shapes="plain", color_jitter=(0.4, 0.4, 0.4, 0.5), color_jitter_p=1.0, out_dim=512,
-                   global_crop_size=24, local_crop_size=8, local_crops_number=4, batch_size_per_gpu=32, epochs=6,
+# of a 2-core CPU nor ~5 of one GPU. Both train on the mono shapes (minivit/data.py: small light-grey shapes anywhere
+# on a dark grey, drawn once and kept in memory): two views share the outline alone, and raw pixels sort them
+# badly, so the k-NN measures what was learnt (docs/dino_offline_trials.md: on the plain look pixels score 38%,
+# more than any ViT-S/8 trained for 10 CPU minutes, with or without labels). An "epoch" is iters_per_epoch steps.
+# So short a run needs a higher lr, a faster teacher (momentum 0.99), fewer prototypes and sharper targets than the
+# official defaults to move at all. The CPU preset keeps the teacher temperature at 0.015 (warmed up to 0.04 its
+# targets went uniform by epoch 3) and adds DINOv2's KoLeo term (weight 0.3): without it every setting tried lost
+# k-NN against its random init within 40 steps, the features bunching up before they learnt the shapes. Its 18
+# epochs are what the attention needs: the k-NN is above raw pixels from epoch 5 on, but the CLS attention stays
+# as flat as at init until ~epoch 10 and finds the objects by epoch 18 (Jaccard 17 -> 38; README, Results).
+# fp32 on every CPU: the preset was tuned in fp32; auto would take bf16 on a CPU with AMX, where the plain-shapes
+# preset ended +2.6 points above random init instead of +4.4 (Intel Xeon, issue 21): one preset, one result.
+OFFLINE_CPU = dict(shapes="mono", color_jitter=(0.4, 0.4, 0.4, 0.5), color_jitter_p=1.0, out_dim=512,
+                   global_crop_size=24, local_crop_size=8, local_crops_number=4, batch_size_per_gpu=32, epochs=18,
                    iters_per_epoch=20, warmup_epochs=1, lr=0.004, momentum_teacher=0.99, warmup_teacher_temp=0.015,
                    teacher_temp=0.015, warmup_teacher_temp_epochs=0, freeze_last_layer=0, koleo_weight=0.3,
-                   eval_every=2, num_workers=0, baselines=True, knn_images=(1000, 500), precision="fp32")
+                   eval_every=6, num_workers=0, baselines=True, knn_images=(1000, 500), precision="fp32")
 # One modern GPU, ~5 minutes with the evaluations: 64 px global / 32 px local crops (8x8 and 4x4 patches of 8 px:
 # each object spans several), 30 epochs of the 5000 images (1170 steps of 128). Counted: ~36 GFLOP an image, 12x
 # fewer than the 2x224 + 8x96 step measured at 364 img/s on an H200 (docs/results.md), so ~2.5 min at 1000 img/s.
-OFFLINE_GPU = dict(shapes="plain", color_jitter=(0.4, 0.4, 0.4, 0.5), color_jitter_p=1.0, out_dim=1024,
+OFFLINE_GPU = dict(shapes="mono", color_jitter=(0.4, 0.4, 0.4, 0.5), color_jitter_p=1.0, out_dim=1024,
                    global_crop_size=64, local_crop_size=32, local_crops_number=6, batch_size_per_gpu=128, epochs=30,
                    iters_per_epoch=39, warmup_epochs=3, lr=0.001, momentum_teacher=0.99, drop_path_rate=0.1,
                    warmup_teacher_temp=0.02, teacher_temp=0.04, warmup_teacher_temp_epochs=10, freeze_last_layer=0,
                    koleo_weight=0.1, eval_every=10, num_workers=4, baselines=True, knn_images=(5000, 1000))
 PRESETS = {"cpu": OFFLINE_CPU, "gpu": OFFLINE_GPU}
-OFFLINE_DATA = {"plain": "shapes_plain", "clutter": "shapes", "textured": "shapes_textured"}  # --shapes -> build_dataset
 # With --data: the official README's two ViT-S/16 runs on ImageNet (8 GPUs x 64 images). vanilla = the argparse
 # defaults: 100 epochs, 69.3% k-NN / ~73.8% linear in 1.75 days; boosted = its "boosting DINO performance"
 # command: 300 epochs, teacher temperature 0.04 -> 0.07 over 30 epochs, no last-layer norm, 73.3% / ~76.1% in
@@ -160,7 +162,8 @@ def get_args_parser():
     g.add_argument("--eval_every", type=int, default=10, help="k-NN and attention maps every N epochs (0: at the end)")
     g.add_argument("--num_workers", type=int, default=10, help="data loading processes (they only decode)")
     g = p.add_argument_group("the offline demo (no --data): what the presets set beside the flags above")
-    g.add_argument("--shapes", choices=tuple(OFFLINE_DATA), default="plain", help="the offline data (data.py)")
+    g.add_argument("--shapes", choices=tuple(ShapesDataset.LOOKS), default="mono",
+                   help="the offline data's look (data.ShapesDataset)")
     g.add_argument("--knn_images", type=int, nargs=2, default=(0, 0), metavar=("TRAIN", "TEST"),
                    help="offline k-NN on the first TRAIN/TEST images (0: all)")
     g.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=False,
@@ -225,7 +228,7 @@ def build_data(args, augment, info):
     smaller than the smallest crop needs; offline: the shapes, drawn once and kept in memory), the k-NN sets
     (train, test) or None, and the fixed images (+ object masks on the shapes) of the attention maps (ViT only)."""
     offline = args.data is None
-    shapes = OFFLINE_DATA[args.shapes]
+    shapes = ShapesDataset.LOOKS[args.shapes]
     train_set = build_dataset(args.data or shapes, "train", min_pixels=augment.min_pixels, cache=offline)
     if args.knn_data == "none":
         knn_sets = None

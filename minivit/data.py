@@ -11,7 +11,7 @@ resized once to an S x S square (load_image: Resize(S) + the centre square).
 Sources, chosen by `build_dataset(data, split, load_size, min_pixels, cache)`:
   None / "shapes"  procedural shapes on clutter with ground-truth object masks, 64 px
   "shapes_plain"   the same shapes, larger, on a flat colour, 64 px
-  "shapes_textured" the plain shapes, each filled with a random texture in two colours (the offline DINO default)
+  "shapes_mono"    the same shapes, smaller, light grey on dark grey, anywhere (the offline DINO default), 64 px
   "digits"         scikit-learn's bundled 8x8 handwritten digits (1797 real images), upscaled to 32 px
   a folder         ImageNet-style root/<class>/<image>.jpg, or root/train/... and root/val/...; 256 px
   a CIFAR folder   the "python version" of CIFAR-10/100 (data_batch_1..5 + test_batch, or train + test), 32 px
@@ -79,12 +79,18 @@ SHAPES = {
 
 
 class ShapesDataset(Dataset):
-    """Ten filled shapes (SHAPES) at a random position, size, rotation and colour. Two looks:
-    clutter=True (the default): over clutter, a smooth colour field, a coarse texture, random lines, blobs and small
-    polygon fragments, objects of radius 0.16-0.3 of the side; clutter=False ("plain"): over one flat random colour,
-    objects of radius 0.3-0.45, so that what two crops of an image share is the object, not its background (the
-    offline DINO default: with clutter its two views matched on the background, README, Results). Both add pixel
-    noise.
+    """Ten filled shapes (SHAPES) at a random position, size and rotation. Three looks:
+    "clutter" (the default): a shape of a random colour over clutter, a smooth colour field, a coarse texture, random
+    lines, blobs and small polygon fragments, objects of radius 0.16-0.3 of the side;
+    "plain": a shape of a random colour over one flat random colour, objects of radius 0.3-0.45, so that what two
+    crops of an image share is the object, not its background (with clutter DINO's two views matched on the
+    background, docs/dino_offline_trials.md);
+    "mono" (the offline DINO default): a light grey shape (level 170-255) on a dark grey (0-80), objects of radius
+    0.15-0.3 anywhere in the image, under strong colour noise (std 64 per channel): two crops share the outline
+    alone, the objects move and scale enough that raw pixels sort them badly (k-NN ~30% at 24 px against 38% on the
+    plain look, where the large objects overlap), and the noisy background is a distraction for the attention where
+    a flat one would cost nothing to attend to (docs/dino_offline_trials.md). The other two looks add noise of
+    std 8.
 
     Image i of a split is drawn from a numpy Generator seeded with (seed, split, i), so it is the same in every
     process: drawing one 64 px image takes ~1 ms of CPU, so each loader worker makes ~1000 images a second. With
@@ -98,14 +104,15 @@ class ShapesDataset(Dataset):
     """
     SIZES = {"train": 5000, "test": 1000}
 
-    def __init__(self, split="train", load_size=64, seed=0, num_images=None, clutter=True, cache=False,
-                 texture=False):
+    LOOKS = {"clutter": "shapes", "plain": "shapes_plain", "mono": "shapes_mono"}  # look -> build_dataset's name
+    NOISE = {"clutter": 28, "plain": 28, "mono": 220}  # width of the uniform pixel noise, per channel: std 8 / 64
+
+    def __init__(self, split="train", load_size=64, seed=0, num_images=None, look="clutter", cache=False):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: use 'train' or 'test'")
-        if clutter and texture:
-            raise ValueError("texture=True fills the objects of the plain look: pass clutter=False")
-        self.split, self.load_size, self.seed, self.clutter, self.texture = split, load_size, seed, clutter, texture
-        self.source = "shapes" if clutter else "shapes_textured" if texture else "shapes_plain"
+        if look not in self.LOOKS:
+            raise ValueError(f"look={look!r}: use one of {', '.join(self.LOOKS)}")
+        self.split, self.load_size, self.seed, self.look, self.source = split, load_size, seed, look, self.LOOKS[look]
         self.classes = list(SHAPES)
         self.num_classes = len(self.classes)
         self.num_images = num_images or self.SIZES[split]
@@ -142,12 +149,15 @@ class ShapesDataset(Dataset):
         """-> image uint8 (3, S, S), label int, mask bool (S, S): the pixels covered by the object."""
         S, label = self.load_size, self.targets[i]
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i])
-        if self.clutter:
+        if self.look == "clutter":
             image = self._clutter(rng, S)
             radius = rng.uniform(0.16, 0.3)  # the object's radius, a fraction of the side
-        else:
+        elif self.look == "plain":
             image = Image.new("RGB", (S, S), tuple(rng.integers(0, 256, 3).tolist()))
             radius = rng.uniform(0.3, 0.45)
+        else:
+            image = Image.new("RGB", (S, S), (int(rng.integers(0, 81)),) * 3)
+            radius = rng.uniform(0.15, 0.3)
         # the object: fully inside the image, at any angle
         cx, cy = rng.uniform(radius, 1 - radius, 2)
         angle = rng.uniform(0, 2 * np.pi)
@@ -157,16 +167,14 @@ class ShapesDataset(Dataset):
             mask_draw.polygon(_polygon(points, angle, radius, cx, cy, S), fill)
         mask = np.asarray(mask_image) > 127
         pixels = np.asarray(image).astype(np.float32)
-        # the object's colour: the most distant of 8 random colours from the background it covers, so it stays
-        # visible; no colour belongs to a class.
-        candidates = rng.uniform(0, 255, (8, 3))
-        under = pixels[mask].mean(0) if mask.any() else pixels.mean((0, 1))
-        pixels[mask] = colour = candidates[np.argmax(((candidates - under) ** 2).sum(1))]
-        if self.texture:  # a second colour far from both the first and the background, on the texture's pixels
+        if self.look == "mono":
+            pixels[mask] = rng.uniform(170, 255)
+        else:  # the object's colour: the most distant of 8 random colours from the background it covers, so it
+            # stays visible; no colour belongs to a class.
             candidates = rng.uniform(0, 255, (8, 3))
-            distance = np.minimum(((candidates - colour) ** 2).sum(1), ((candidates - under) ** 2).sum(1))
-            pixels[mask & _texture(rng, S)] = candidates[np.argmax(distance)]
-        pixels += (rng.random(pixels.shape, dtype=np.float32) - 0.5) * 28  # uniform pixel noise, std 8
+            under = pixels[mask].mean(0) if mask.any() else pixels.mean((0, 1))
+            pixels[mask] = candidates[np.argmax(((candidates - under) ** 2).sum(1))]
+        pixels += (rng.random(pixels.shape, dtype=np.float32) - 0.5) * self.NOISE[self.look]  # uniform pixel noise
         image = torch.from_numpy(pixels.round().clip(0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
         return image, label, torch.from_numpy(mask)
 
@@ -185,37 +193,6 @@ class ShapesDataset(Dataset):
     def mask(self, i):
         """Ground-truth foreground of image i: bool tensor (S, S), True on the object."""
         return self._cached(i)[1] if self.cache else self.render(i)[2]
-
-
-def _triangle_wave(t):
-    """1 at the integers, 0 half-way between them: |t - round(t)| * 2 -> [0, 1]."""
-    return 2 * np.abs(t - np.round(t))
-
-
-# Ten textures, the fills of shapes_textured: (x, y) in periods (rotated, shifted by a random phase) -> bool, True
-# on the pixels of the first of two colours.
-TEXTURES = {
-    "stripes": lambda x, y: np.sin(2 * np.pi * x) > 0,
-    "checker": lambda x, y: np.sin(2 * np.pi * x) * np.sin(2 * np.pi * y) > 0,
-    "dots": lambda x, y: (x - np.round(x)) ** 2 + (y - np.round(y)) ** 2 < 0.09,
-    "grid": lambda x, y: np.minimum(np.abs(x - np.round(x)), np.abs(y - np.round(y))) < 0.13,
-    "zigzag": lambda x, y: np.sin(2 * np.pi * (x + 0.6 * _triangle_wave(y / 2))) > 0,
-    "waves": lambda x, y: np.sin(2 * np.pi * (x + 0.35 * np.sin(np.pi * y))) > 0,
-    "rings": lambda x, y: np.sin(2 * np.pi * np.hypot(x, y)) > 0,
-    "hexdots": lambda x, y: np.cos(2 * np.pi * x) + 2 * np.cos(np.pi * x) * np.cos(np.sqrt(3) * np.pi * y) > 1.0,
-    "bricks": lambda x, y: (np.abs(y - np.round(y)) < 0.12)
-    | (np.abs(x + 0.5 * (np.floor(y) % 2) - np.round(x + 0.5 * (np.floor(y) % 2))) < 0.1),
-    "diamonds": lambda x, y: _triangle_wave(x) + _triangle_wave(y) < 0.8,
-}
-
-
-def _texture(rng, S):
-    """One of TEXTURES at a random angle, phase and period (0.16-0.26 of the side) -> bool (S, S)."""
-    period, angle = rng.uniform(0.16, 0.26) * S, rng.uniform(0, 2 * np.pi)
-    y, x = np.mgrid[0:S, 0:S] + 0.5
-    u = (np.cos(angle) * x + np.sin(angle) * y) / period + rng.uniform(0, 1)
-    v = (np.cos(angle) * y - np.sin(angle) * x) / period + rng.uniform(0, 1)
-    return list(TEXTURES.values())[rng.integers(len(TEXTURES))](u, v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -541,11 +518,9 @@ def build_dataset(data, split, load_size=None, min_pixels=None, cache=False, num
     uint8 (3, h, w) decoded by load_photo, which build_loader batches as data.Photos."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use 'train' or 'test'")
-    if data in (None, "shapes", "shapes_plain"):
-        return ShapesDataset(split, load_size or 64, clutter=data != "shapes_plain", num_images=num_images,
-                             cache=cache)
-    if data == "shapes_textured":
-        return ShapesDataset(split, load_size or 64, clutter=False, num_images=num_images, cache=cache, texture=True)
+    looks = {name: look for look, name in ShapesDataset.LOOKS.items()}
+    if data is None or data in looks:
+        return ShapesDataset(split, load_size or 64, num_images=num_images, look=looks[data or "shapes"], cache=cache)
     if data == "digits":
         return digits_dataset(split, load_size or 32)
     if not os.path.isdir(data):

@@ -49,7 +49,7 @@ def test_shapes_masks_are_the_object():
         assert (inside.mean(1) - outside.mean(1)).norm() > 60
 
 
-@pytest.mark.parametrize("data", ["shapes", "shapes_plain", "shapes_textured"])
+@pytest.mark.parametrize("data", ["shapes", "shapes_plain", "shapes_mono"])
 def test_the_in_memory_shapes_cache_gives_the_rendered_images(data):
     cached, drawn = build_dataset(data, "test", cache=True), build_dataset(data, "test")
     assert cached.source == drawn.source == data and cached.targets == drawn.targets
@@ -69,30 +69,30 @@ def test_the_in_memory_shapes_cache_gives_the_rendered_images(data):
 
 
 def test_plain_shapes_are_larger_objects_on_one_colour():
-    ds = ShapesDataset("train", clutter=False)
+    ds = ShapesDataset("train", look="plain")
     for i in range(10):
         image, _, mask = ds.render(i)
         assert 0.1 < mask.float().mean() < 0.65
         assert image.float()[:, ~mask].std(1).max() < 10  # the background: one colour plus the pixel noise
 
 
-def test_textured_shapes_are_the_plain_objects_filled_with_two_colours():
-    """shapes_textured draws the plain set's objects (same masks and background) filled with a random texture: two
-    clearly different colours inside, both far from the background, in 10 different textures."""
-    textured, plain = build_dataset("shapes_textured", "train"), build_dataset("shapes_plain", "train")
-    assert textured.source == "shapes_textured" and textured.classes == plain.classes
-    for i in range(20):
-        image, label, mask = textured.render(i)
-        assert torch.equal(mask, plain.mask(i)) and label == plain[i][1]
-        background = image.float()[:, ~mask].mean(1)  # the same flat colour (the pixel noise is drawn after)
-        assert (background - plain[i][0].float()[:, ~mask].mean(1)).abs().max() < 2
-        pixels = image.float()[:, mask].T                            # (n, 3) inside the object
-        first = pixels[(pixels - pixels[0]).norm(dim=1) < 40]        # the colour of one pixel, noise aside
-        second = pixels[(pixels - pixels[0]).norm(dim=1) >= 40]
-        assert min(len(first), len(second)) > 0.05 * len(pixels)    # two colours, each a real part of the object
-        assert (first.mean(0) - background).norm() > 60 and (second.mean(0) - background).norm() > 40
-    with pytest.raises(ValueError, match="clutter=False"):
-        ShapesDataset("train", clutter=True, texture=True)
+def test_mono_shapes_are_small_light_grey_objects_on_dark_grey_anywhere():
+    ds = build_dataset("shapes_mono", "train")
+    assert ds.source == "shapes_mono" and ds.classes == build_dataset("shapes_plain", "train").classes
+    centres = []
+    for i in range(40):
+        image, label, mask = ds.render(i)
+        assert label == i % 10 and 0.01 < mask.float().mean() < 0.3
+        pixels = image.float()
+        inside, outside = pixels[:, mask].mean(1), pixels[:, ~mask].mean(1)
+        assert (inside.max() - inside.min()) < 25 and (outside.max() - outside.min()) < 5  # grey under the noise
+        assert inside.min() > 140 and outside.max() < 110 and (inside - outside).min() > 60
+        assert 25 < pixels[:, ~mask].std(1).min() < 70  # the strong noise (std 64 before clipping at 0 and 255)
+        centres.append(torch.nonzero(mask).float().mean(0) / 64)
+    centres = torch.stack(centres)
+    assert (centres.min(0).values < 0.3).all() and (centres.max(0).values > 0.7).all()  # anywhere, not centred
+    with pytest.raises(ValueError, match="look='bright'"):
+        ShapesDataset("train", look="bright")
 
 
 def test_shapes_render_at_any_load_size_with_aligned_masks():
