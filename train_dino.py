@@ -3,7 +3,7 @@ across multi-crop views, with no labels. The recipe and defaults are those of th
 file reads in its order: get_args_parser -> train_dino (data, student and teacher, loss, optimizer, schedules,
 resume, the epoch loop) -> train_one_epoch (the step on one screen).
 
-    python train_dino.py --arch vit_s8                # offline: plain shapes, the CPU (~7 min) or GPU (~5 min) preset
+    python train_dino.py --arch vit_s8                # offline: mono shapes, the CPU (~10 min) or GPU (~5 min) preset
     python train_dino.py --arch vit_s8 --data /path/to/imagenet/train --knn_data /path/to/imagenet   # one GPU
     torchrun --nproc_per_node=8 train_dino.py --arch vit_s16 --data /path/to/imagenet/train          # 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_dino.py ...
@@ -13,7 +13,7 @@ resume, the epoch loop) -> train_one_epoch (the step on one screen).
 
 Presets (cli.parse_with_preset: a preset's values become the defaults, flags given still win; the script prints
 what it applied). Without --data an offline preset replaces the ImageNet defaults that neither a CPU nor ~5 minutes
-of one GPU can afford: OFFLINE_CPU, or OFFLINE_GPU when the run is on CUDA (below). Both train on the plain shapes,
+of one GPU can afford: OFFLINE_CPU, or OFFLINE_GPU when the run is on CUDA (below). Both train on the mono shapes,
 drawn once and kept in memory, and end with the teacher's k-NN accuracy next to a random-init and a raw-pixel
 baseline (README, Results). With --data, `--recipe vanilla` (the default) is the official 100-epoch run and
 `--recipe boosted` the official README's "boosting DINO performance" command (RECIPES below).
