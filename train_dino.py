@@ -368,10 +368,9 @@ def evaluate_baselines(teacher, knn_sets, attention, args, info, out, logger):
         if jaccard_index is not None:
             baselines["random_init_jaccard"] = jaccard_index
             distributed.print0(f"attention baseline: random-init {args.arch} Jaccard {jaccard_index:.1f} (best head)")
-    record = dict(knn_top1=baselines.get("random_init"), knn_raw_pixels=baselines.get("raw_pixels"),
-                  attn_jaccard=baselines.get("random_init_jaccard"))
-    if any(v is not None for v in record.values()):
-        logger.log(epoch=0, **{k: v for k, v in record.items() if v is not None})
+    log_names = dict(random_init="knn_top1", raw_pixels="knn_raw_pixels", random_init_jaccard="attn_jaccard")
+    if baselines:  # one epoch-0 record, named as the trained teacher's records
+        logger.log(epoch=0, **{log_names[k]: v for k, v in baselines.items()})
     teacher.train()
     return baselines
 

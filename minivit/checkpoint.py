@@ -312,8 +312,7 @@ class RunOnDisk:
         """The one line for a run that ran out of memory: the allocator's words, the fix, what resume starts from."""
         saved = (f"{self.path} holds epoch {self.epoch}; resume with: {self.command(resume=True)}"
                  if self.epoch is not None else "no checkpoint was saved yet")
-        words = (str(error).splitlines() or [type(error).__name__])[0][:160]
-        return f"error: out of memory ({words}); lower --batch_size (or the image or crop sizes) and run again; {saved}"
+        return f"error: out of memory ({cli.first_line(error, 160)}); lower --batch_size (or the image or crop sizes) and run again; {saved}"
 
     def message(self, signum) -> str:
         name = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, signal.Signals(signum).name)

@@ -42,8 +42,12 @@ def errors():
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not out_of_memory(e):
             raise
-        words = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        fail(f"out of memory ({words}); lower --batch_size or --image_size")
+        fail(f"out of memory ({first_line(e)}); lower --batch_size or --image_size")
+
+
+def first_line(error, limit=200) -> str:
+    """An exception's first line, at most `limit` characters (its type's name when it has no message)."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:limit]
 
 
 def out_of_memory(error) -> bool:

@@ -195,6 +195,9 @@ class ShapesDataset(Dataset):
         return self._cached(i)[1] if self.cache else self.render(i)[2]
 
 
+SHAPE_SETS = {name: look for look, name in ShapesDataset.LOOKS.items()}  # build_dataset's name -> look
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Real images: sklearn digits, CIFAR, image folders
 
@@ -510,17 +513,18 @@ class ImageFolderDataset(Dataset):
 # Entry points for the scripts
 
 def build_dataset(data, split, load_size=None, min_pixels=None, cache=False, num_images=None):
-    """data: None or "shapes", "shapes_plain", "digits", an ImageNet-style folder or a CIFAR python folder; split:
+    """data: None or a SHAPE_SETS name, "digits", an ImageNet-style folder or a CIFAR python folder; split:
     "train" or "test"; load_size: the side S of the returned square images (default: 64 shapes, 32 digits and
-    CIFAR, 256 folders); cache: draw the shapes once and keep them in memory (other sources ignore it).
+    CIFAR, 256 folders); cache: draw the shapes once and keep them in memory; num_images: the first N shapes (both
+    ignored by the other sources).
     -> a Dataset of (uint8 (3, S, S), int) with .classes, .num_classes, .targets, .load_size.
     min_pixels (image folders only; the training crops' augment.min_pixels): yield each whole photo instead,
     uint8 (3, h, w) decoded by load_photo, which build_loader batches as data.Photos."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use 'train' or 'test'")
-    looks = {name: look for look, name in ShapesDataset.LOOKS.items()}
-    if data is None or data in looks:
-        return ShapesDataset(split, load_size or 64, num_images=num_images, look=looks[data or "shapes"], cache=cache)
+    if data is None or data in SHAPE_SETS:
+        return ShapesDataset(split, load_size or 64, num_images=num_images, look=SHAPE_SETS[data or "shapes"],
+                             cache=cache)
     if data == "digits":
         return digits_dataset(split, load_size or 32)
     if not os.path.isdir(data):

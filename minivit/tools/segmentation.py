@@ -27,13 +27,12 @@ from PIL import Image
 from minivit import checkpoint, cli, distributed
 from minivit.augment import normalize
 from minivit.cli import parse_weights
-from minivit.data import ShapesDataset, build_dataset, open_image, to_rgb
+from minivit.data import SHAPE_SETS, build_dataset, open_image, to_rgb
 from minivit.models import build_backbones
 from minivit.tools.attention_maps import (PREPROCESS, cls_attention_maps, mass_threshold_masks, save_attention_figure,
                                           upsample)
 
 VOID = 255  # PASCAL VOC's label for object borders and unlabelled pixels
-SHAPE_SETS = tuple(ShapesDataset.LOOKS.values())  # the offline sets, which know their objects' pixels
 
 
 # ---------------------------------------------------------------------------------------------------- the metrics
